@@ -25,11 +25,11 @@ from vllm_jetnemotron.config import JetNemotronConfig
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.1, max_position_embeddings=4096,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, initializer_range=0.1, max_position_embeddings=4096,
         layer_types=["jet", "attn", "jet", "swa"],
         efficient_attention_config={
-            "jet": {"num_heads": 2, "head_dim": 16, "expand_v": 2.0, "conv_size": 4,
+            "jet": {"num_heads": 2, "head_dim": 32, "expand_v": 2.0, "conv_size": 4,
                     "dconv_generator_reduction": 4, "norm_eps": "1e-5"},
             "swa": {"window_size": 48}}),
     "small": dict(

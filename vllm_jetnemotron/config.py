@@ -241,3 +241,44 @@ class JetNemotronConfig(PreTrainedConfig):
         except (TypeError, ValueError):
             raise JetNemotronConfigError(
                 f"{prefix}.norm_eps must be a number, got {jet.get('norm_eps')!r}") from None
+
+
+def checkpoint_tensor_shapes(config: JetNemotronConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an official-format checkpoint of `config` holds, with its shape
+    (`lm_head.weight` only when the embeddings are not tied)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_dim = config.num_attention_heads * config.head_dim
+    kv_dim = config.num_key_value_heads * config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, hidden)
+    for i, layer_type in enumerate(config.layer_types):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+        a = p + "self_attn."
+        if layer_type in ("attn", "swa"):
+            for name, dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+                shapes[a + name + ".weight"] = (dim, hidden)
+                shapes[a + name + ".bias"] = (dim,)
+            shapes[a + "o_proj.weight"] = (hidden, q_dim)
+            continue
+        d = config.jet_dims
+        for name, dim in (("q_proj", d.key_dim), ("k_proj", d.key_dim), ("v_proj", d.value_dim),
+                          ("g_proj", d.value_dim), ("b_proj", d.num_heads), ("a_proj", d.num_heads)):
+            shapes[a + name + ".weight"] = (dim, hidden)
+        shapes[a + "o_proj.weight"] = (hidden, d.value_dim)
+        shapes[a + "A_log"] = (d.num_heads,)
+        shapes[a + "dt_bias"] = (d.num_heads,)
+        g = a + "dynamic_conv1d.kernel_generator."
+        shapes[g + "w1.weight"] = (d.generator_dim, hidden)
+        shapes[g + "w2.weight"] = (d.value_dim * d.conv_size, d.generator_dim)
+        shapes[g + "w2.bias"] = (d.value_dim * d.conv_size,)
+        shapes[a + "o_norm.weight"] = (d.head_v_dim,)
+    return shapes

@@ -1,0 +1,219 @@
+"""The JetBlock as a vLLM recurrent layer: gated delta rule linear attention with a
+dynamic convolution on values, its states kept in vLLM's hybrid (mamba) cache.
+
+Per layer and sequence slot the cache holds two states:
+  * conv state `[W - 1 (+ num_spec), value_dim / tp]` (time first, vLLM's "SD" layout;
+    the "DS" layout, `VLLM_SSM_CONV_STATE_LAYOUT=DS`, is read through a transposed view);
+  * recurrent state `[H / tp, K, V]` (flash-linear-attention's layout; vLLM's own GDN
+    layers use `[H, V, K]`).
+The projections run in the (compilable) model graph; the stateful core runs behind the
+`jet_block_core` custom op, which reads `GDNAttentionMetadata` for this layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.distributed import divide, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.mamba.abstract import MambaBase
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateDtypeCalculator,
+    is_conv_state_dim_first,
+)
+from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.utils.torch_utils import (
+    LayerNameType,
+    _encode_layer_name,
+    _resolve_layer_name,
+    direct_register_custom_op,
+)
+from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+
+from . import jet_ops
+from .config import JetNemotronConfig
+
+
+def jet_block_state_shapes(
+    config: JetNemotronConfig, tp_size: int, num_spec: int
+) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """(conv state shape, recurrent state shape) of one JetBlock on one TP rank."""
+    d = config.jet_dims
+    conv_len = d.conv_size - 1 + num_spec
+    value_dim = divide(d.value_dim, tp_size)
+    conv = (value_dim, conv_len) if is_conv_state_dim_first() else (conv_len, value_dim)
+    return conv, (divide(d.num_heads, tp_size), d.head_k_dim, d.head_v_dim)
+
+
+def jet_block_state_dtypes(vllm_config: VllmConfig) -> tuple[torch.dtype, torch.dtype]:
+    return MambaStateDtypeCalculator.gated_delta_net_state_dtype(
+        vllm_config.model_config.dtype,
+        vllm_config.cache_config.mamba_cache_dtype,
+        vllm_config.cache_config.mamba_ssm_cache_dtype,
+    )
+
+
+class JetBlock(nn.Module, MambaBase):
+    def __init__(self, config: JetNemotronConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+        self.config = config
+        self.vllm_config = vllm_config
+        spec = vllm_config.speculative_config
+        self.num_spec = spec.num_speculative_tokens if spec else 0
+        self.tp_size = get_tensor_model_parallel_world_size()
+        d = config.jet_dims
+        self.num_heads = divide(d.num_heads, self.tp_size)  # heads on this rank
+        self.head_k_dim, self.head_v_dim = d.head_k_dim, d.head_v_dim
+        self.conv_size = d.conv_size
+        self.norm_eps = d.norm_eps
+        self.key_dim = self.num_heads * d.head_k_dim
+        self.value_dim = self.num_heads * d.head_v_dim
+        quant_config = vllm_config.quant_config
+        hidden = config.hidden_size
+
+        # q, k, v (raw values u), g (output gate z), b (beta), a (decay): one GEMM.
+        self.in_proj = MergedColumnParallelLinear(
+            hidden,
+            [d.key_dim, d.key_dim, d.value_dim, d.value_dim, d.num_heads, d.num_heads],
+            bias=False,
+            quant_config=quant_config,
+            prefix=f"{prefix}.in_proj",
+        )
+        # Dynamic-conv filter generator: the bottleneck is needed whole on every rank;
+        # the filters ('(d w)' layout, W per channel) split with the value channels.
+        self.kernel_w1 = ReplicatedLinear(
+            hidden, d.generator_dim, bias=False, prefix=f"{prefix}.kernel_w1")
+        self.kernel_w2 = ColumnParallelLinear(
+            d.generator_dim, d.value_dim * d.conv_size, bias=True, prefix=f"{prefix}.kernel_w2")
+        self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
+        set_weight_attrs(self.A_log, {"weight_loader": sharded_weight_loader(0)})
+        set_weight_attrs(self.dt_bias, {"weight_loader": sharded_weight_loader(0)})
+        self.o_norm_weight = nn.Parameter(torch.ones(d.head_v_dim))
+        self.o_proj = RowParallelLinear(
+            d.value_dim, hidden, bias=False, input_is_parallel=True,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj")
+
+        compilation_config = vllm_config.compilation_config
+        if prefix in compilation_config.static_forward_context:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        compilation_config.static_forward_context[prefix] = self
+        self.kv_cache = (torch.tensor([]), torch.tensor([]))
+
+    # ----- MambaBase: what vLLM allocates for this layer --------------------------
+
+    @property
+    def mamba_type(self) -> MambaAttentionBackendEnum:
+        return MambaAttentionBackendEnum.GDN_ATTN  # prefill/decode split + spec fields
+
+    def get_state_shape(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
+        return jet_block_state_shapes(self.config, self.tp_size, self.num_spec)
+
+    def get_state_dtype(self) -> tuple[torch.dtype, torch.dtype]:
+        return jet_block_state_dtypes(self.vllm_config)
+
+    # ----- forward ----------------------------------------------------------------
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        T = hidden_states.shape[0]
+        H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
+        proj, _ = self.in_proj(hidden_states)
+        q, k, u, z, b, a = proj.split(
+            [self.key_dim, self.key_dim, self.value_dim, self.value_dim, H, H], dim=-1)
+        q = F.silu(q).view(T, H, K)
+        k = F.silu(k).view(T, H, K)
+        beta = b.float().sigmoid()
+        g = -self.A_log.exp() * F.softplus(a.float() + self.dt_bias)
+        bottleneck, _ = self.kernel_w1(hidden_states)
+        conv_kernels, _ = self.kernel_w2(F.silu(bottleneck))
+        # [T, value_dim * W] -> [T, value_dim, W] (window index fastest)
+        conv_kernels = conv_kernels.view(T, self.value_dim, self.conv_size)
+
+        core_out = torch.zeros(T, H, V, dtype=hidden_states.dtype, device=hidden_states.device)
+        torch.ops.vllm.jet_block_core(
+            q, k, u, conv_kernels, g, beta, core_out, _encode_layer_name(self.prefix))
+        out = jet_ops.gated_rmsnorm(core_out, z.view(T, H, V), self.o_norm_weight, self.norm_eps)
+        # [T, H, V] -> [T, H * V]
+        out, _ = self.o_proj(out.view(T, H * V))
+        return out
+
+    def _forward_core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        u: torch.Tensor,
+        conv_kernels: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        core_out: torch.Tensor,
+    ) -> None:
+        """Dynamic conv + gated delta rule over this step's tokens (decodes first,
+        then prefills), reading and updating the states of each sequence's slot."""
+        attn_metadata = get_forward_context().attn_metadata
+        if not isinstance(attn_metadata, dict) or attn_metadata.get(self.prefix) is None:
+            return  # profiling run: no states are bound yet
+        meta = attn_metadata[self.prefix]
+        assert isinstance(meta, GDNAttentionMetadata)
+        if meta.spec_sequence_masks is not None:
+            raise NotImplementedError(
+                "JetBlock does not handle speculative-decoding batches yet")
+        conv_state, recurrent_state = self.kv_cache
+        if is_conv_state_dim_first():
+            conv_state = conv_state.transpose(-1, -2)  # [slots, dim, len] -> [slots, len, dim]
+        conv_state = conv_state[:, : self.conv_size - 1]
+        slots = meta.non_spec_state_indices_tensor
+        num_decodes, num_decode_tokens = meta.num_decodes, meta.num_decode_tokens
+
+        if num_decodes > 0:
+            d_slots = slots[:num_decodes]
+            d = slice(0, num_decode_tokens)
+            v = jet_ops.dynamic_causal_conv_step(u[d], conv_kernels[d], conv_state, d_slots)
+            # one token per sequence: [N, ...] -> [N, 1, ...]
+            o = jet_ops.fused_recurrent_gated_delta_rule(
+                q[d, None], k[d, None], v.view(-1, 1, self.num_heads, self.head_v_dim),
+                g[d, None], beta[d, None], recurrent_state, d_slots)
+            core_out[d] = o[:, 0]
+
+        if meta.num_prefills > 0:
+            p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
+            p = slice(num_decode_tokens, num_decode_tokens + meta.num_prefill_tokens)
+            cu_seqlens = meta.non_spec_query_start_loc[num_decodes:] - num_decode_tokens
+            has_initial_state = meta.has_initial_state[p_seqs]
+            v = jet_ops.dynamic_causal_conv(
+                u[p], conv_kernels[p], cu_seqlens, conv_state, slots[p_seqs], has_initial_state)
+            core_out[p] = jet_ops.chunk_gated_delta_rule(
+                q[p], k[p], v.view(-1, self.num_heads, self.head_v_dim), g[p], beta[p],
+                cu_seqlens, recurrent_state, slots[p_seqs], has_initial_state)
+
+
+def jet_block_core(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    u: torch.Tensor,
+    conv_kernels: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    core_out: torch.Tensor,
+    layer_name: LayerNameType,
+) -> None:
+    layer = get_forward_context().no_compile_layers[_resolve_layer_name(layer_name)]
+    layer._forward_core(q, k, u, conv_kernels, g, beta, core_out)
+
+
+direct_register_custom_op(
+    op_name="jet_block_core",
+    op_func=jet_block_core,
+    mutates_args=["core_out"],
+)

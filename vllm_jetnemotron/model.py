@@ -1,0 +1,235 @@
+"""Jet-Nemotron for vLLM: a Qwen2.5 decoder whose token mixers are full attention
+(`attn`), sliding-window attention (`swa`) or JetBlocks (`jet`), per `layer_types`."""
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.mamba.mamba_utils import (
+    MambaStateCopyFunc,
+    MambaStateCopyFuncCalculator,
+)
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.qwen2 import Qwen2MLP
+from vllm.sequence import IntermediateTensors
+
+from .config import JetNemotronConfig, checkpoint_tensor_shapes
+from .jet_block import JetBlock, jet_block_state_dtypes, jet_block_state_shapes
+
+
+class JetNemotronAttention(nn.Module):
+    """GQA attention with RoPE and q/k/v bias; sliding window for `swa` layers."""
+
+    def __init__(self, config: JetNemotronConfig, vllm_config: VllmConfig, prefix: str,
+                 sliding_window: int | None):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        quant_config = vllm_config.quant_config
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads,
+            config.num_key_value_heads, bias=True, quant_config=quant_config,
+            prefix=f"{prefix}.qkv_proj")
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(
+            self.head_dim, max_position=config.max_position_embeddings,
+            rope_parameters=config.rope_parameters)
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, num_kv_heads=self.num_kv_heads,
+            cache_config=vllm_config.cache_config, quant_config=quant_config,
+            per_layer_sliding_window=sliding_window, prefix=f"{prefix}.attn")
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class JetNemotronDecoderLayer(nn.Module):
+    def __init__(self, config: JetNemotronConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == "jet":
+            self.self_attn = JetBlock(config, vllm_config, prefix=f"{prefix}.self_attn")
+        else:
+            window = config.sliding_window_size if self.layer_type == "swa" else None
+            self.self_attn = JetNemotronAttention(
+                config, vllm_config, prefix=f"{prefix}.self_attn", sliding_window=window)
+        self.mlp = Qwen2MLP(config.hidden_size, config.intermediate_size, config.hidden_act,
+                            quant_config=vllm_config.quant_config, prefix=f"{prefix}.mlp")
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        if self.layer_type == "jet":
+            hidden_states = self.self_attn(hidden_states)
+        else:
+            hidden_states = self.self_attn(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+@support_torch_compile
+class JetNemotronModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: JetNemotronConfig = vllm_config.model_config.hf_config
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        self.layers = nn.ModuleList(
+            JetNemotronDecoderLayer(config, vllm_config, i, prefix=f"{prefix}.layers.{i}")
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
+# Official tensor name -> (vLLM parameter, shard id), per mixer kind; a name fragment
+# absent from the table loads unchanged.
+ATTN_STACKED = [
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+]
+JET_STACKED = [
+    (".q_proj.", ".in_proj.", 0),
+    (".k_proj.", ".in_proj.", 1),
+    (".v_proj.", ".in_proj.", 2),
+    (".g_proj.", ".in_proj.", 3),
+    (".b_proj.", ".in_proj.", 4),
+    (".a_proj.", ".in_proj.", 5),
+    (".dynamic_conv1d.kernel_generator.w1.", ".kernel_w1.", None),
+    (".dynamic_conv1d.kernel_generator.w2.", ".kernel_w2.", None),
+    (".o_norm.weight", ".o_norm_weight", None),
+]
+MLP_STACKED = [
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+]
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config: JetNemotronConfig = vllm_config.model_config.hf_config
+        self.config = config
+        self.vllm_config = vllm_config
+        self.model = JetNemotronModel(vllm_config=vllm_config, prefix="model")
+        if config.tie_word_embeddings:
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
+                intermediate_tensors: IntermediateTensors | None = None,
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    # ----- what the engine asks of a hybrid model -------------------------------------
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config: VllmConfig):
+        spec = vllm_config.speculative_config
+        return jet_block_state_shapes(
+            vllm_config.model_config.hf_text_config,
+            vllm_config.parallel_config.tensor_parallel_size,
+            spec.num_speculative_tokens if spec else 0)
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config: VllmConfig):
+        return jet_block_state_dtypes(vllm_config)
+
+    @classmethod
+    def get_mamba_state_copy_func(cls) -> tuple[MambaStateCopyFunc, MambaStateCopyFunc]:
+        # (conv state, recurrent state): the same shapes of copy as vLLM's GDN layers.
+        return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load official-format tensors, checking each name and shape against the config."""
+        expected = checkpoint_tensor_shapes(self.config)
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, weight in weights:
+            if name not in expected:
+                if self.config.tie_word_embeddings and name == "lm_head.weight":
+                    continue  # some tied checkpoints still store it
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue
+                raise ValueError(f"checkpoint tensor {name!r} is not part of a Jet-Nemotron model "
+                                 f"with this config.json")
+            if tuple(weight.shape) != expected[name]:
+                raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(weight.shape)} but "
+                                 f"config.json implies {expected[name]}")
+            param_name, shard_id = self._param_for(name)
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard_id is None:
+                loader(param, weight)
+            else:
+                loader(param, weight, shard_id)
+            loaded.add(name)
+        missing = sorted(set(expected) - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config needs: {shown}")
+        return set(params)
+
+    def _param_for(self, name: str) -> tuple[str, str | int | None]:
+        match = _LAYER_INDEX.match(name)
+        if match is None:
+            return name, None
+        layer_type = self.config.layer_types[int(match.group(1))]
+        table = (JET_STACKED if layer_type == "jet" else ATTN_STACKED) + MLP_STACKED
+        for fragment, param_fragment, shard_id in table:
+            if fragment in name:
+                return name.replace(fragment, param_fragment), shard_id
+        return name, None
