@@ -113,6 +113,7 @@ class JetNemotronConfig(PreTrainedConfig):
         self.efficient_attention_config = (
             efficient_attention_config if efficient_attention_config is not None
             else copy.deepcopy(_DEFAULT_EFFICIENT_ATTENTION))
+        self.validate_layer_type()  # raise our error itself, not wrapped by transformers
 
     # ----- derived values -------------------------------------------------------------
 

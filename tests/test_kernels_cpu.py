@@ -1,0 +1,122 @@
+"""The CPU implementations vLLM runs (chunked prefill, recurrent decode, dynamic conv)
+against the naive definitions, on varlen batches reading and writing state pools."""
+
+import pytest
+import torch
+
+from vllm_jetnemotron.kernels import (
+    chunk_gated_delta_rule,
+    dynamic_causal_conv,
+    dynamic_causal_conv_naive,
+    dynamic_causal_conv_step,
+    fused_recurrent_gated_delta_rule,
+    gated_rmsnorm,
+    gated_rmsnorm_naive,
+    naive_recurrent_gated_delta_rule,
+)
+
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def gdr_inputs(T, H, K, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, K, generator=g).to(dtype)
+    k = torch.randn(T, H, K, generator=g).to(dtype)
+    v = torch.randn(T, H, V, generator=g).to(dtype)
+    decay = -(torch.rand(T, H, generator=g) * 0.3)
+    beta = torch.rand(T, H, generator=g)
+    return q, k, v, decay, beta
+
+
+def cu_seqlens(lengths):
+    return torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K, V", [(16, 32), (96, 256)])
+@pytest.mark.parametrize("lengths", [[1], [64], [5, 65, 130], [63, 1, 200]])
+def test_chunked_prefill_matches_naive(lengths, K, V, dtype):
+    H, slots = 2, 8
+    q, k, v, g, beta = gdr_inputs(sum(lengths), H, K, V, dtype)
+    pool = torch.randn(slots, H, K, V)
+    initial = pool.clone()
+    indices = torch.tensor([5, 0, 3][: len(lengths)])
+    has_state = torch.tensor([True, False, True][: len(lengths)])
+    cu = cu_seqlens(lengths)
+    out = chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, indices, has_state)
+    assert out.dtype == dtype
+    for i, slot in enumerate(indices.tolist()):
+        s, e = cu[i], cu[i + 1]
+        ref_out, ref_state = naive_recurrent_gated_delta_rule(
+            q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
+            initial_state=initial[slot][None] if has_state[i] else None, output_final_state=True)
+        torch.testing.assert_close(out[s:e].float(), ref_out[0].float(), atol=ATOL[dtype], rtol=0)
+        torch.testing.assert_close(pool[slot], ref_state[0], atol=ATOL[torch.float32], rtol=0)
+    untouched = [i for i in range(slots) if i not in indices.tolist()]
+    assert torch.equal(pool[untouched], initial[untouched])
+
+
+@pytest.mark.parametrize("tokens_per_seq", [1, 3])
+def test_recurrent_decode_matches_naive(tokens_per_seq):
+    N, H, K, V, L = 4, 2, 32, 64, tokens_per_seq
+    q, k, v, g, beta = (x.view(N, L, *x.shape[1:]) for x in gdr_inputs(N * L, H, K, V, torch.float32))
+    pool = torch.randn(10, H, K, V)
+    initial = pool.clone()
+    slots = torch.tensor([7, 2, 9, 0])
+    out = fused_recurrent_gated_delta_rule(q, k, v, g, beta, pool, slots)
+    ref_out, ref_state = naive_recurrent_gated_delta_rule(
+        q, k, v, g, beta, initial_state=initial[slots], output_final_state=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pool[slots], ref_state, atol=1e-5, rtol=0)
+
+
+def test_recurrent_decode_keeps_a_state_per_draft_token():
+    N, H, K, V, L = 2, 2, 16, 32, 3
+    q, k, v, g, beta = (x.view(N, L, *x.shape[1:]) for x in gdr_inputs(N * L, H, K, V, torch.float32))
+    pool = torch.randn(8, H, K, V)
+    initial = pool.clone()
+    slots = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    fused_recurrent_gated_delta_rule(q, k, v, g, beta, pool, slots)
+    for j in range(L):
+        _, state = naive_recurrent_gated_delta_rule(
+            q[:, : j + 1], k[:, : j + 1], v[:, : j + 1], g[:, : j + 1], beta[:, : j + 1],
+            initial_state=initial[slots[:, 0]], output_final_state=True)
+        torch.testing.assert_close(pool[slots[:, j]], state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("lengths", [[1], [2, 9, 1], [40, 3]])
+def test_dynamic_conv_prefill_matches_naive(lengths):
+    D, W = 24, 4
+    T = sum(lengths)
+    x, kernels = torch.randn(T, D), torch.randn(T, D, W)
+    pool = torch.randn(6, W - 1, D)
+    initial = pool.clone()
+    indices = torch.tensor([4, 1, 2][: len(lengths)])
+    has_state = torch.tensor([True, False, True][: len(lengths)])
+    cu = cu_seqlens(lengths)
+    out = dynamic_causal_conv(x, kernels, cu, pool, indices, has_state)
+    for i, slot in enumerate(indices.tolist()):
+        s, e = cu[i], cu[i + 1]
+        ref_out, ref_state = dynamic_causal_conv_naive(
+            x[None, s:e], kernels[None, s:e], initial[slot][None] if has_state[i] else None)
+        torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pool[slot], ref_state[0])
+
+
+def test_dynamic_conv_step_matches_naive():
+    N, D, W = 3, 16, 4
+    x, kernels = torch.randn(N, D), torch.randn(N, D, W)
+    pool = torch.randn(5, W - 1, D)
+    initial = pool.clone()
+    slots = torch.tensor([4, 0, 2])
+    out = dynamic_causal_conv_step(x, kernels, pool, slots)
+    ref_out, ref_state = dynamic_causal_conv_naive(x[:, None], kernels[:, None], initial[slots])
+    torch.testing.assert_close(out, ref_out[:, 0])
+    torch.testing.assert_close(pool[slots], ref_state)
+
+
+def test_gated_rmsnorm_definition():
+    x, z, w = torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.rand(8)
+    expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w * z * torch.sigmoid(z)
+    torch.testing.assert_close(gated_rmsnorm_naive(x, z, w, 1e-5), expected)
+    torch.testing.assert_close(gated_rmsnorm(x, z, w, 1e-5), expected)

@@ -1,0 +1,100 @@
+"""Loading through the plugin: official 2B/4B configs with dummy weights (shapes and
+state sizes), tensor parallelism, and clear errors for broken checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, official_config
+
+
+def bound_state_shapes(model) -> list:
+    """(dtype, conv shape, recurrent shape) of every JetBlock's cache, per slot."""
+    from vllm_jetnemotron.jet_block import JetBlock
+
+    return [(str(m.kv_cache[0].dtype), tuple(m.kv_cache[0].shape[1:]), str(m.kv_cache[1].dtype),
+             tuple(m.kv_cache[1].shape[1:])) for m in model.modules() if isinstance(m, JetBlock)]
+
+
+@pytest.mark.parametrize("name, heads, k, v", [("2b", 12, 96, 256), ("4b", 16, 128, 256)])
+def test_official_config_with_dummy_weights(tmp_path, monkeypatch, name, heads, k, v):
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
+    config = official_config(name)
+    config.save_pretrained(tmp_path)
+    copy_tokenizer(tmp_path)
+    with running_llm(str(tmp_path), dtype="bfloat16", load_format="dummy", max_model_len=1024,
+                     kv_cache_memory_bytes=1 << 30) as llm:
+        (states,) = llm.apply_model(bound_state_shapes)
+        (out,) = llm.generate(as_inputs(random_prompts([9])), greedy(2))
+    num_jet = config.layer_types.count("jet")
+    d = config.jet_dims
+    assert len(states) == num_jet
+    for _, conv_shape, _, state_shape in states:  # (shapes come back from the worker as lists)
+        assert tuple(conv_shape) == (d.conv_size - 1, heads * v)
+        assert tuple(state_shape) == (heads, k, v)
+    # Bytes per sequence of JetBlock state, as bound by vLLM, against the analytical value:
+    # per jet layer (W - 1) * value_dim conv entries + H * K * V recurrent entries.
+    conv_bytes = torch.tensor([], dtype=getattr(torch, states[0][0].split(".")[1])).element_size()
+    state_bytes = torch.tensor([], dtype=getattr(torch, states[0][2].split(".")[1])).element_size()
+    bound = sum(torch.Size(c).numel() * conv_bytes + torch.Size(s).numel() * state_bytes
+                for _, c, _, s in states)
+    analytical = num_jet * (3 * heads * v * conv_bytes + heads * k * v * state_bytes)
+    assert bound == analytical
+    assert len(out.outputs[0].token_ids) == 2
+
+
+def test_tensor_parallel_matches_single_worker(tiny_checkpoint, monkeypatch):
+    prompts = random_prompts([7, 130, 60], seed=5)
+    with running_llm(tiny_checkpoint) as llm:
+        single = token_ids(llm.generate(as_inputs(prompts), greedy(16)))
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    with running_llm(tiny_checkpoint, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
+        assert token_ids(llm.generate(as_inputs(prompts), greedy(16))) == single
+
+
+@pytest.fixture
+def checkpoint_copy(tiny_checkpoint, tmp_path):
+    path = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, path)
+    return path
+
+
+def rewrite_weights(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(checkpoint_copy, capfd):
+    name = "model.layers.2.self_attn.dynamic_conv1d.kernel_generator.w2.bias"
+    rewrite_weights(checkpoint_copy, lambda t: t.pop(name))
+    with pytest.raises(Exception) as error, running_llm(str(checkpoint_copy)):
+        pass
+    assert_engine_error_mentions(error, capfd, f"missing 1 tensor(s) the config needs: {name}")
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(checkpoint_copy, capfd):
+    name = "model.layers.0.self_attn.A_log"
+    rewrite_weights(checkpoint_copy, lambda t: t.__setitem__(name, torch.zeros(3)))
+    with pytest.raises(Exception) as error, running_llm(str(checkpoint_copy)):
+        pass
+    assert_engine_error_mentions(error, capfd, f"{name!r} has shape (3,) but config.json implies (2,)")
+
+
+def test_malformed_config_fails_before_loading(checkpoint_copy):
+    config = json.loads((checkpoint_copy / "config.json").read_text())
+    config["layer_types"][1] = "mamba"
+    (checkpoint_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception, match=r"layer_types\[1\] is 'mamba'"), running_llm(str(checkpoint_copy)):
+        pass
+
+
+def assert_engine_error_mentions(error, capfd, text):
+    """The engine fails to start; the worker's own error, in its log, names the problem."""
+    assert "initialization failed" in str(error.value)
+    logs = capfd.readouterr()
+    assert text in logs.out + logs.err
