@@ -1,0 +1,228 @@
+"""A real `python -m vllm_jetnemotron serve` process (vLLM's OpenAI server) on loopback,
+driven with the `openai` client and compared with offline `LLM.generate`."""
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from conftest import KV_BYTES, as_inputs, greedy, random_prompts, running_llm, token_ids
+from vllm_jetnemotron.__main__ import resolve_short_name
+
+MAX_MODEL_LEN = 1024
+SERVED_NAME = "jet-tiny"
+PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
+           "In 1905 Albert Einstein published"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    command = [sys.executable, "-m", "vllm_jetnemotron", "serve", tiny_checkpoint,
+               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
+               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+               "--kv-cache-memory-bytes", str(KV_BYTES), "--max-logprobs", "5"]
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.kill()
+            raise TimeoutError(f"server did not become healthy:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+    yield base
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_checkpoint):
+    """Greedy completions of PROMPTS, and of the chat below, by offline `LLM`."""
+    from vllm import SamplingParams
+
+    with running_llm(tiny_checkpoint, max_model_len=MAX_MODEL_LEN) as llm:
+        completions = llm.generate(PROMPTS, greedy(16))
+        chat = llm.chat([{"role": "user", "content": "Say something."}],
+                        SamplingParams(temperature=0.0, max_tokens=16))
+        long_prompts = random_prompts([3, 70, 5, 300, 17, 150, 1, 40], seed=9)
+        concurrent = token_ids(llm.generate(as_inputs(long_prompts), greedy(12)))
+    return {"completions": [o.outputs[0].text for o in completions],
+            "completion_ids": token_ids(completions),
+            "chat": chat[0].outputs[0].text,
+            "long_prompts": long_prompts, "concurrent": concurrent}
+
+
+def metric(server: str, name: str) -> float:
+    text = httpx.get(f"{server}/metrics").text
+    values = [float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)]
+    assert values, f"{name} not in /metrics"
+    return sum(values)
+
+
+def wait_until_idle(server: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(server, "vllm:num_requests_running") + metric(server, "vllm:num_requests_waiting") > 0:
+        assert time.monotonic() < deadline, "requests still running"
+        time.sleep(0.5)
+
+
+def test_completions_equal_offline_generate(client, offline):
+    response = client.completions.create(model=SERVED_NAME, prompt=PROMPTS, max_tokens=16,
+                                         temperature=0.0, extra_body={"ignore_eos": True})
+    by_index = sorted(response.choices, key=lambda c: c.index)
+    assert [c.text for c in by_index] == offline["completions"]
+    assert response.usage.completion_tokens == 16 * len(PROMPTS)
+
+
+def test_streaming_completion_equals_non_streaming(client, offline):
+    stream = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[1], max_tokens=16,
+                                       temperature=0.0, stream=True, extra_body={"ignore_eos": True})
+    chunks = [chunk.choices[0].text for chunk in stream if chunk.choices]
+    assert len(chunks) > 1
+    assert "".join(chunks) == offline["completions"][1]
+
+
+def test_chat_completion_uses_the_checkpoint_chat_template(client, offline):
+    messages = [{"role": "user", "content": "Say something."}]
+    response = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=16,
+                                              temperature=0.0)
+    assert response.choices[0].message.content == offline["chat"]
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=16,
+                                            temperature=0.0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == offline["chat"]
+
+
+def test_logprobs_max_tokens_and_stop(client, offline):
+    response = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=6,
+                                         temperature=0.0, logprobs=3, extra_body={"ignore_eos": True})
+    choice = response.choices[0]
+    assert len(choice.logprobs.tokens) == 6 and response.usage.completion_tokens == 6
+    for top in choice.logprobs.top_logprobs:
+        assert len(top) == 3 and all(v <= 0 for v in top.values())
+    # The greedy token is the most likely one at every step.
+    for token, top, lp in zip(choice.logprobs.tokens, choice.logprobs.top_logprobs,
+                              choice.logprobs.token_logprobs):
+        assert lp == pytest.approx(max(top.values()), abs=1e-4)
+    full = offline["completions"][0]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    stopped = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[0], max_tokens=16,
+                                        temperature=0.0, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == full[: full.index(stop)]
+
+
+def test_n_samples_with_seed_are_reproducible(client):
+    def sample():
+        response = client.completions.create(model=SERVED_NAME, prompt=PROMPTS[2], max_tokens=10,
+                                             temperature=1.0, n=3, seed=7)
+        return [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+
+    first = sample()
+    assert first == sample()
+    assert len(set(first)) > 1
+
+
+def test_64_concurrent_requests_then_no_state_leaks(server, offline):
+    prompts, expected = offline["long_prompts"], offline["concurrent"]
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def complete(i):
+        response = await client.completions.create(
+            model=SERVED_NAME, prompt=prompts[i % len(prompts)], max_tokens=12, temperature=0.0,
+            extra_body={"ignore_eos": True, "return_token_ids": True})
+        return response.choices[0].token_ids
+
+    async def run_all():
+        return await asyncio.gather(*(complete(i) for i in range(64)))
+
+    results = asyncio.run(run_all())
+    assert [list(r) for r in results] == [expected[i % len(prompts)] for i in range(64)]
+    wait_until_idle(server)
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_cancelled_streams_release_their_states(server):
+    prompts = random_prompts([20, 200, 60, 400], seed=11)
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    async def stream(i, cancel):
+        response = await client.completions.create(
+            model=SERVED_NAME, prompt=prompts[i % len(prompts)], max_tokens=64, temperature=0.0,
+            stream=True, extra_body={"ignore_eos": True})
+        received = 0
+        async for _ in response:
+            received += 1
+            if cancel and received == 2:
+                await response.close()  # the client goes away mid-stream
+                return "cancelled"
+        return received
+
+    async def run_all():
+        return await asyncio.gather(*(stream(i, cancel=i % 2 == 0) for i in range(32)))
+
+    results = asyncio.run(run_all())
+    assert results.count("cancelled") == 16 and all(r == 64 for r in results if r != "cancelled")
+    wait_until_idle(server)
+    assert metric(server, "vllm:kv_cache_usage_perc") == 0.0
+
+
+@pytest.mark.parametrize("payload, status, message", [
+    ({"prompt": [1] * (MAX_MODEL_LEN + 10), "max_tokens": 4}, 400, "maximum context length"),
+    ({"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"prompt": "hi", "max_tokens": 4, "model": "no-such-model"}, 404, "no-such-model"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, client, payload, status, message):
+    body = {"model": SERVED_NAME, **payload}
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=60)
+    assert response.status_code == status
+    assert message in response.text
+    ok = client.completions.create(model=SERVED_NAME, prompt="still alive?", max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_malformed_json_gets_400(server, client):
+    response = httpx.post(f"{server}/v1/completions", content=b'{"model": "jet-tiny", "prompt": ',
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400
+    assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=1).choices
+
+
+def test_short_names_resolve_to_official_repositories():
+    assert resolve_short_name(["serve", "jet-nemotron-2b", "--port", "1"]) == [
+        "serve", "jet-ai/Jet-Nemotron-2B", "--port", "1", "--served-model-name", "jet-nemotron-2b"]
+    assert resolve_short_name(["serve", "jet-nemotron-4b", "--served-model-name", "x"]) == [
+        "serve", "jet-ai/Jet-Nemotron-4B", "--served-model-name", "x"]
+    assert resolve_short_name(["serve", "/models/local"]) == ["serve", "/models/local"]
