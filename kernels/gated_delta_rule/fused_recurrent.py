@@ -16,6 +16,7 @@ def fused_recurrent_gated_delta_rule(
     state_indices: torch.Tensor,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
+    num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Args:
         q, k: `[N, L, H, K]`; v: `[N, L, H, V]`; g, beta: `[N, L, H]` for N sequences of L
@@ -24,6 +25,9 @@ def fused_recurrent_gated_delta_rule(
         state_indices: `[N]` one slot per sequence (read, then overwritten with the state
             after its last token), or `[N, L]`: read from `[:, 0]`, the state after token j
             written to `[:, j]` (speculative decoding keeps every draft position).
+        num_accepted_tokens: `[N]`, with `[N, L]` indices only: sequence n starts from slot
+            `state_indices[n, num_accepted_tokens[n] - 1]`, the state after the last draft
+            token the previous step accepted (vLLM's speculative-decoding layout).
     Returns:
         o `[N, L, H, V]` in v's dtype.
     """
@@ -35,7 +39,14 @@ def fused_recurrent_gated_delta_rule(
         q, k = l2_normalize(q), l2_normalize(k)
     q = q * scale
     per_token_slots = state_indices.dim() == 2
-    read_slots = state_indices[:, 0] if per_token_slots else state_indices
+    if num_accepted_tokens is not None:
+        if not per_token_slots:
+            raise ValueError("num_accepted_tokens needs per-token state_indices [N, L], "
+                             f"got {tuple(state_indices.shape)}")
+        rows = torch.arange(N, device=state_indices.device)
+        read_slots = state_indices[rows, num_accepted_tokens.long() - 1]
+    else:
+        read_slots = state_indices[:, 0] if per_token_slots else state_indices
     S = state_pool[read_slots].float()  # [N, H, K, V]
     outputs = []
     for t in range(L):

@@ -1,0 +1,509 @@
+"""The Triton kernels against their naive references, on the CPU under Triton's
+interpreter: chunked and recurrent gated delta rule, dynamic causal conv (prefill and
+decode step), gated RMSNorm, the training autograd functions, and the device dispatch.
+
+Grid: head dims (K, V) in {(16, 32), (32, 64)} plus one (96, 256) case; packed
+sequences of lengths 1, 5, 64, 65, 130 (crossing the 64-token chunks); with and without
+initial states; float32 and bfloat16 inputs. Shapes are small: the interpreter runs
+every program one after another in NumPy.
+
+TRITON_INTERPRET is set when this module is imported. If triton was already imported in
+the same pytest process (vLLM imports it while other test modules are collected), the
+tests are run once in a pytest subprocess on this file and each reports its outcome from
+there (see RUN_IN_SUBPROCESS).
+"""
+
+import os
+
+# Before triton is imported: @triton.jit reads this when it decorates a function, and
+# then builds interpreted kernels that run on CPU tensors.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import functools  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import xml.etree.ElementTree as ElementTree  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from vllm_jetnemotron.kernels import dispatch  # noqa: E402
+from vllm_jetnemotron.kernels.dynamic_conv import cpu as conv_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.dynamic_conv import triton_conv, triton_conv_autograd  # noqa: E402
+from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule import chunk as chunk_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent_spec_decode as recurrent_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule import (  # noqa: E402
+    triton_chunk,
+    triton_chunk_autograd,
+)
+from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent as triton_recurrent  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule  # noqa: E402
+from vllm_jetnemotron.kernels.gated_rmsnorm import triton_norm  # noqa: E402
+from vllm_jetnemotron.kernels.gated_rmsnorm.naive import gated_rmsnorm_naive  # noqa: E402
+
+# If triton was imported before this module in the same process (vLLM imports it while
+# other test modules are collected), its own library functions (tl.sigmoid, tl.cdiv, ...)
+# and the kernels were built for compilation and cannot run on CPU tensors. Then every
+# test of this module runs once in a fresh interpreter (a pytest subprocess on this file)
+# and each test here reports its own outcome from that run.
+_SUBPROCESS_FLAG = "JETNEMOTRON_TRITON_TESTS_IN_SUBPROCESS"
+RUN_IN_SUBPROCESS = isinstance(tl.sigmoid, JITFunction) and not os.environ.get(_SUBPROCESS_FLAG)
+
+
+@functools.cache
+def _fresh_interpreter_outcomes() -> dict[str, str]:
+    """Test name (with parameters) -> "passed" or the failure text, from one pytest run of
+    this file in a fresh Python with TRITON_INTERPRET=1."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.xml"
+        env = dict(os.environ, TRITON_INTERPRET="1", **{_SUBPROCESS_FLAG: "1"})
+        run = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", __file__],
+            env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=1200)
+        if not report.exists():
+            raise RuntimeError(f"pytest subprocess on {__file__} wrote no report (rc {run.returncode}):\n"
+                               f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
+        outcomes = {}
+        for case in ElementTree.parse(report).iter("testcase"):
+            problems = [child for child in case if child.tag in ("failure", "error", "skipped")]
+            details = "\n".join(f"{p.tag}: {p.get('message')}\n{p.text or ''}" for p in problems)
+            outcomes[case.get("name")] = details or "passed"
+        return outcomes
+
+
+def _reported_from_fresh_interpreter(test):
+    @functools.wraps(test)  # keeps the signature and the parametrize marks
+    def report(*args, **kwargs):
+        # "tests/test_triton_kernels.py::test_name[params] (call)" -> "test_name[params]"
+        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" ", 1)[0]
+        outcome = _fresh_interpreter_outcomes().get(name, "not run in the subprocess")
+        if outcome != "passed":
+            pytest.fail(f"{name} in a fresh interpreter: {outcome}", pytrace=False)
+
+    return report
+
+
+DTYPES = [torch.float32, torch.bfloat16]
+# Outputs are compared in float32. float32: chunked vs token-by-token summation order.
+# bfloat16: inputs are the same bf16 values on both sides and all math is float32, so the
+# difference is the final rounding: the interpreter truncates float32 -> bf16 where
+# PyTorch (and the GPU) rounds to nearest, i.e. up to 1 ulp (2^-7 relative) apart.
+TOLERANCES = {
+    torch.float32: dict(atol=5e-5, rtol=5e-5),
+    torch.bfloat16: dict(atol=1e-2, rtol=1.6e-2),
+}
+# Gradients of bf16 leaves are bf16-rounded float32 gradients; float32 gradients go
+# through the chunked recomputation (vs the token loop), summation order only.
+GRAD_TOLERANCES = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+}
+SEQ_LENS = [65, 1, 130, 5, 64]  # packed in this order: chunk boundaries at 64, 128
+SLOTS = [5, 0, 3, 7, 2]  # pool slot of each sequence (pool of NUM_SLOTS)
+HAS_STATE = [True, False, True, True, False]  # "with initial state": a mix
+NUM_SLOTS = 9
+HEAD_DIMS = [(16, 32), (32, 64)]
+H = 2
+
+
+def assert_close(actual, expected, dtype, what, tolerances=TOLERANCES):
+    torch.testing.assert_close(actual.float(), expected.float(), **tolerances[dtype],
+                               msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def packed(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def gdn_inputs(shape, K, V, dtype, gen):
+    """q, k [*shape, H, K], v [*shape, H, V] in dtype; g, beta [*shape, H] float32 (as
+    the JetBlock computes them)."""
+    q = torch.randn(*shape, H, K, generator=gen).to(dtype)
+    k = torch.randn(*shape, H, K, generator=gen).to(dtype)
+    v = torch.randn(*shape, H, V, generator=gen).to(dtype)
+    g = F.logsigmoid(torch.randn(*shape, H, generator=gen) + 1.0)
+    beta = torch.rand(*shape, H, generator=gen)
+    return q, k, v, g, beta
+
+
+def state_pool(num_slots, K, V, dtype, gen, strided=False):
+    """[num_slots, H, K, V] random states; strided: a transposed view of [.., V, K]."""
+    if strided:
+        return torch.randn(num_slots, H, V, K, generator=gen).to(dtype).transpose(-1, -2)
+    return torch.randn(num_slots, H, K, V, generator=gen).to(dtype)
+
+
+# ----- chunked gated delta rule (prefill) ------------------------------------------------
+
+
+def check_chunk(K, V, dtype, with_initial_state, chunk_size=64, strided=False, scale=None, use_qk_l2norm=True):
+    gen = torch.Generator().manual_seed(K * 1000 + V)
+    cu = packed(SEQ_LENS)
+    q, k, v, g, beta = gdn_inputs((int(cu[-1]),), K, V, dtype, gen)
+    if not use_qk_l2norm:  # keep the recurrence stable (beta |k|^2 < 2) without the kernel's norm
+        q, k = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
+    pool = state_pool(NUM_SLOTS, K, V, dtype, gen, strided)
+    before = pool.clone()
+    has = torch.tensor(HAS_STATE if with_initial_state else [False] * len(SEQ_LENS))
+    o = triton_chunk.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, torch.tensor(SLOTS, dtype=torch.int32),
+                                            has, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+    assert o.dtype == v.dtype and o.shape == v.shape
+    for i, slot in enumerate(SLOTS):
+        s, e = int(cu[i]), int(cu[i + 1])
+        o_ref, state_ref = naive_recurrent_gated_delta_rule(
+            q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e], scale=scale,
+            initial_state=before[slot][None] if has[i] else None, output_final_state=True,
+            use_qk_l2norm=use_qk_l2norm)
+        assert_close(o[s:e], o_ref[0], dtype, f"o of sequence {i} (length {e - s})")
+        assert_close(pool[slot], state_ref[0], dtype, f"final state of sequence {i} (length {e - s})")
+    untouched = [j for j in range(NUM_SLOTS) if j not in SLOTS]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,V", HEAD_DIMS)
+def test_chunk_gated_delta_rule_matches_naive(K, V, dtype, with_initial_state):
+    check_chunk(K, V, dtype, with_initial_state)
+
+
+def test_chunk_gated_delta_rule_official_head_dims():
+    # Jet-Nemotron-2B heads: K = 96 (padded to a 128 tile), V = 256 (several V blocks)
+    check_chunk(96, 256, torch.float32, with_initial_state=True)
+
+
+def test_chunk_gated_delta_rule_options():
+    # 16-token chunks (130 tokens: 9 chunks), a strided pool, no L2 norm with a custom scale
+    check_chunk(16, 32, torch.float32, True, chunk_size=16, strided=True)
+    check_chunk(16, 32, torch.float32, True, use_qk_l2norm=False, scale=0.05)
+
+
+# ----- recurrent gated delta rule (decode) -----------------------------------------------
+
+
+@pytest.mark.parametrize("L", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K,V", HEAD_DIMS)
+def test_fused_recurrent_matches_naive(K, V, dtype, L):
+    gen = torch.Generator().manual_seed(7 * K + V + L)
+    N = 3
+    q, k, v, g, beta = gdn_inputs((N, L), K, V, dtype, gen)
+    pool = state_pool(NUM_SLOTS, K, V, dtype, gen, strided=L == 3)
+    pool[4].zero_()  # a sequence starting from no state
+    before = pool.clone()
+    slots = torch.tensor([6, 4, 1])
+    o = triton_recurrent.fused_recurrent_gated_delta_rule(q, k, v, g, beta, pool, slots)
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=before[slots],
+                                                        output_final_state=True)
+    assert_close(o, o_ref, dtype, "o")
+    assert_close(pool[slots], state_ref, dtype, "states")
+    untouched = [j for j in range(NUM_SLOTS) if j not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+def naive_per_token_states(q, k, v, g, beta, initial_state):
+    """o [N, L, H, V] and the state after every token [N, L, H, K, V] (float32)."""
+    L = q.shape[1]
+    states = []
+    for j in range(L):
+        _, s = naive_recurrent_gated_delta_rule(q[:, :j + 1], k[:, :j + 1], v[:, :j + 1], g[:, :j + 1],
+                                                beta[:, :j + 1], initial_state=initial_state,
+                                                output_final_state=True)
+        states.append(s)
+    o, _ = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
+    return o, torch.stack(states, dim=1)
+
+
+@pytest.mark.parametrize("accepted", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_recurrent_spec_decode_matches_naive(dtype, accepted):
+    # [N, L] slots: read from [:, 0] (or the last accepted token's slot), state after
+    # token j written to [:, j]; Triton and the new PyTorch reference against naive.
+    gen = torch.Generator().manual_seed(11 + accepted)
+    N, L, K, V = 3, 4, 16, 32
+    q, k, v, g, beta = gdn_inputs((N, L), K, V, dtype, gen)
+    slots = torch.arange(N * L).view(N, L) + 2  # pool slots 2 .. 13
+    num_accepted = torch.tensor([1, 3, 4]) if accepted else None
+    read = slots[torch.arange(N), num_accepted - 1] if accepted else slots[:, 0]
+    pool = state_pool(N * L + 3, K, V, dtype, gen)
+    o_ref, states_ref = naive_per_token_states(q, k, v, g, beta, pool[read])
+    for name, impl in [("triton", triton_recurrent.fused_recurrent_gated_delta_rule),
+                       ("reference", recurrent_cpu.fused_recurrent_gated_delta_rule_spec_decode)]:
+        p = pool.clone()
+        o = impl(q, k, v, g, beta, p, slots, num_accepted_tokens=num_accepted)
+        assert_close(o, o_ref, dtype, f"{name} o")
+        assert_close(p[slots], states_ref, dtype, f"{name} per-token states")
+        assert torch.equal(p[[0, 1, 14]], pool[[0, 1, 14]])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_recurrent_from_gates_matches_naive(dtype):
+    gen = torch.Generator().manual_seed(5)
+    N, L, K, V = 3, 2, 32, 64
+    q, k, v, _, _ = gdn_inputs((N, L), K, V, dtype, gen)
+    a = (4 * torch.randn(N, L, H, generator=gen)).to(dtype)  # reaches softplus' linear range
+    b = torch.randn(N, L, H, generator=gen).to(dtype)
+    A_log = torch.empty(H).uniform_(1, 16, generator=gen).log()
+    dt_bias = torch.randn(H, generator=gen)
+    g, beta = recurrent_cpu.gated_delta_rule_gates(a, b, A_log, dt_bias)
+    pool = state_pool(NUM_SLOTS, K, V, dtype, gen)
+    before = pool.clone()
+    slots = torch.tensor([3, 8, 0])
+    o = triton_recurrent.fused_recurrent_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, pool, slots)
+    o_ref, state_ref = naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=before[slots],
+                                                        output_final_state=True)
+    assert_close(o, o_ref, dtype, "o")
+    assert_close(pool[slots], state_ref, dtype, "states")
+    p = before.clone()
+    o_cpu = recurrent_cpu.fused_recurrent_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, p, slots)
+    assert_close(o_cpu, o_ref, dtype, "reference o")
+
+
+# ----- dynamic causal conv ----------------------------------------------------------------
+
+
+def conv_pool(num_slots, W, D, dtype, gen):
+    """[num_slots, W - 1, D] time-first view of a dim-first [num_slots, D, W - 1] cache."""
+    return torch.randn(num_slots, D, W - 1, generator=gen).to(dtype).transpose(1, 2)
+
+
+@pytest.mark.parametrize("W", [4, 3])
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_causal_conv_matches_naive(dtype, with_initial_state, W):
+    gen = torch.Generator().manual_seed(W)
+    D = 48
+    cu = packed(SEQ_LENS)
+    T = int(cu[-1])
+    x = torch.randn(T, 2 * D, generator=gen).to(dtype)[:, :D]  # strided rows, as a projection split
+    kernels = torch.randn(T, D, W, generator=gen).to(dtype)
+    pool = conv_pool(NUM_SLOTS, W, D, dtype, gen)
+    before = pool.clone()
+    has = torch.tensor(HAS_STATE if with_initial_state else [False] * len(SEQ_LENS))
+    out = triton_conv.dynamic_causal_conv(x, kernels, cu, pool, torch.tensor(SLOTS, dtype=torch.int32), has)
+    assert out.dtype == dtype
+    for i, slot in enumerate(SLOTS):
+        s, e = int(cu[i]), int(cu[i + 1])
+        out_ref, state_ref = dynamic_causal_conv_naive(x[None, s:e], kernels[None, s:e],
+                                                       before[slot][None] if has[i] else None)
+        assert_close(out[s:e], out_ref[0], dtype, f"out of sequence {i} (length {e - s})")
+        assert_close(pool[slot], state_ref[0], dtype, f"state of sequence {i} (length {e - s})")
+    untouched = [j for j in range(NUM_SLOTS) if j not in SLOTS]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_causal_conv_step_matches_naive(dtype):
+    gen = torch.Generator().manual_seed(3)
+    N, D, W, steps = 3, 40, 4, 3
+    pool = conv_pool(NUM_SLOTS, W, D, dtype, gen)
+    slots = torch.tensor([7, 2, 4])
+    x = torch.randn(N, steps, D, generator=gen).to(dtype)
+    kernels = torch.randn(N, steps, D, W, generator=gen).to(dtype)
+    out_ref, state_ref = dynamic_causal_conv_naive(x, kernels, pool[slots].clone())
+    before = pool.clone()
+    for t in range(steps):
+        out = triton_conv.dynamic_causal_conv_step(x[:, t], kernels[:, t], pool, slots)
+        assert_close(out, out_ref[:, t], dtype, f"out of step {t}")
+    assert_close(pool[slots], state_ref, dtype, "states after the steps")
+    untouched = [j for j in range(NUM_SLOTS) if j not in slots.tolist()]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
+# ----- gated RMSNorm ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("V", [32, 96, 256])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_rmsnorm_matches_naive(dtype, V):
+    gen = torch.Generator().manual_seed(V)
+    x = torch.randn(7, H, V, generator=gen).to(dtype)
+    z = torch.randn(7, H, 2 * V, generator=gen).to(dtype)[..., :V]  # strided, as a projection split
+    weight = torch.randn(V, generator=gen).to(dtype)
+    out = triton_norm.gated_rmsnorm(x, z, weight, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, gated_rmsnorm_naive(x, z, weight, 1e-5), dtype, "gated rmsnorm")
+
+
+# ----- padding slots ------------------------------------------------------------------------
+
+
+def test_negative_slots_are_neither_read_nor_written():
+    # vLLM pads batches with PAD_SLOT_ID = -1: zero state in, nothing written.
+    gen = torch.Generator().manual_seed(0)
+    K, V, D, W = 16, 32, 24, 4
+    q, k, v, g, beta = gdn_inputs((2, 1), K, V, torch.float32, gen)
+    pool = state_pool(4, K, V, torch.float32, gen)
+    before = pool.clone()
+    o = triton_recurrent.fused_recurrent_gated_delta_rule(q, k, v, g, beta, pool, torch.tensor([-1, 2]))
+    o_ref, _ = naive_recurrent_gated_delta_rule(q[:1], k[:1], v[:1], g[:1], beta[:1])
+    assert_close(o[:1], o_ref, torch.float32, "o of the padded sequence")
+    assert torch.equal(pool[[0, 1, 3]], before[[0, 1, 3]])
+
+    # [2, 1, H, D] -> 5 tokens of the first sequence: [5, H, D]
+    q5, k5, v5, g5, b5 = (t[:1, 0].expand(5, *t.shape[2:]) for t in (q, k, v, g, beta))
+    before = pool.clone()
+    o = triton_chunk.chunk_gated_delta_rule(q5, k5, v5, g5, b5, packed([5]), pool, torch.tensor([-1]),
+                                            torch.tensor([True]))
+    o_ref, _ = naive_recurrent_gated_delta_rule(q5[None], k5[None], v5[None], g5[None], b5[None])
+    assert_close(o, o_ref[0], torch.float32, "chunk o of the padded sequence")
+    assert torch.equal(pool, before)
+
+    cpool = conv_pool(3, W, D, torch.float32, gen)
+    cbefore = cpool.clone()
+    x, kern = torch.randn(2, D, generator=gen), torch.randn(2, D, W, generator=gen)
+    out = triton_conv.dynamic_causal_conv_step(x, kern, cpool, torch.tensor([-1, 1]))
+    out_ref, _ = dynamic_causal_conv_naive(x[None, :1], kern[None, :1])
+    assert_close(out[:1], out_ref[0], torch.float32, "conv out of the padded sequence")
+    triton_conv.dynamic_causal_conv(x, kern, packed([2]), cpool, torch.tensor([-1]), torch.tensor([True]))
+    assert torch.equal(cpool[[0, 2]], cbefore[[0, 2]])
+
+
+# ----- training: autograd functions ---------------------------------------------------------
+
+
+def grads_of(fn, leaves, grad_outputs):
+    for x in leaves:
+        x.grad = None
+    outputs = fn()
+    torch.autograd.backward(outputs, grad_outputs)
+    return outputs, [x.grad.clone() for x in leaves]
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunk_gated_delta_rule_autograd_matches_naive(dtype, with_initial_state):
+    gen = torch.Generator().manual_seed(21)
+    B, T, K, V = 2, 70, 16, 32
+    q, k, v, g, beta = gdn_inputs((B, T), K, V, dtype, gen)
+    h0 = torch.randn(B, H, K, V, generator=gen) if with_initial_state else None
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta) + ((h0,) if with_initial_state else ())]
+    do, dht = torch.randn(B, T, H, V, generator=gen).to(dtype), torch.randn(B, H, K, V, generator=gen)
+    (o, ht), grads = grads_of(
+        lambda: triton_chunk_autograd.chunk_gated_delta_rule_autograd(q, k, v, g, beta, h0), leaves, [do, dht])
+    (o_ref, ht_ref), grads_ref = grads_of(
+        lambda: naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True),
+        leaves, [do, dht])
+    assert_close(o, o_ref, dtype, "o")
+    assert_close(ht, ht_ref, dtype, "final state")
+    for name, gr, gr_ref in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, grads_ref):
+        assert_close(gr, gr_ref, dtype, name, GRAD_TOLERANCES)
+
+
+def test_chunk_gated_delta_rule_autograd_varlen_matches_naive():
+    gen = torch.Generator().manual_seed(22)
+    lengths, K, V = [5, 65, 1], 16, 32
+    cu = packed(lengths)
+    q, k, v, g, beta = gdn_inputs((1, int(cu[-1])), K, V, torch.float32, gen)
+    h0 = torch.randn(len(lengths), H, K, V, generator=gen)
+    leaves = [x.requires_grad_() for x in (q, k, v, g, beta, h0)]
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+
+    def reference():
+        outs = [naive_recurrent_gated_delta_rule(q[:, s:e], k[:, s:e], v[:, s:e], g[:, s:e], beta[:, s:e],
+                                                 initial_state=h0[i:i + 1], output_final_state=True)
+                for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+        return torch.cat([o for o, _ in outs], dim=1), torch.cat([s for _, s in outs])
+
+    (o, ht), grads = grads_of(
+        lambda: triton_chunk_autograd.chunk_gated_delta_rule_autograd(q, k, v, g, beta, h0, cu_seqlens=cu),
+        leaves, [do, dht])
+    (o_ref, ht_ref), grads_ref = grads_of(reference, leaves, [do, dht])
+    assert_close(o, o_ref, torch.float32, "o")
+    assert_close(ht, ht_ref, torch.float32, "final states")
+    for name, gr, gr_ref in zip(["dq", "dk", "dv", "dg", "dbeta", "dh0"], grads, grads_ref):
+        assert_close(gr, gr_ref, torch.float32, name, GRAD_TOLERANCES)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_causal_conv_autograd_matches_naive(dtype, with_initial_state):
+    gen = torch.Generator().manual_seed(31)
+    B, T, D, W = 2, 70, 24, 4
+    x = torch.randn(B, T, D, generator=gen).to(dtype)
+    kernels = torch.randn(B, T, D, W, generator=gen).to(dtype)
+    h0 = torch.randn(B, W - 1, D, generator=gen).to(dtype) if with_initial_state else None
+    leaves = [t.requires_grad_() for t in (x, kernels) + ((h0,) if with_initial_state else ())]
+    dout, dfinal = torch.randn(B, T, D, generator=gen).to(dtype), torch.randn(B, W - 1, D, generator=gen).to(dtype)
+    (out, final), grads = grads_of(
+        lambda: triton_conv_autograd.dynamic_causal_conv_autograd(x, kernels, h0), leaves, [dout, dfinal])
+    (out_ref, final_ref), grads_ref = grads_of(lambda: dynamic_causal_conv_naive(x, kernels, h0), leaves,
+                                               [dout, dfinal])
+    assert_close(out, out_ref, dtype, "out")
+    assert torch.equal(final, final_ref)
+    for name, gr, gr_ref in zip(["dx", "dkernels", "dh0"], grads, grads_ref):
+        assert_close(gr, gr_ref, dtype, name, GRAD_TOLERANCES)
+
+
+def test_dynamic_causal_conv_autograd_varlen_matches_naive():
+    gen = torch.Generator().manual_seed(32)
+    lengths, D, W = [2, 1, 66, 5], 24, 4
+    cu = packed(lengths)
+    T = int(cu[-1])
+    x = torch.randn(1, T, D, generator=gen)
+    kernels = torch.randn(1, T, D, W, generator=gen)
+    h0 = torch.randn(len(lengths), W - 1, D, generator=gen)
+    leaves = [t.requires_grad_() for t in (x, kernels, h0)]
+    dout, dfinal = torch.randn_like(x), torch.randn_like(h0)
+
+    def reference():
+        outs = [dynamic_causal_conv_naive(x[:, s:e], kernels[:, s:e], h0[i:i + 1])
+                for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+        return torch.cat([o for o, _ in outs], dim=1), torch.cat([s for _, s in outs])
+
+    (out, final), grads = grads_of(
+        lambda: triton_conv_autograd.dynamic_causal_conv_autograd(x, kernels, h0, cu_seqlens=cu),
+        leaves, [dout, dfinal])
+    (out_ref, final_ref), grads_ref = grads_of(reference, leaves, [dout, dfinal])
+    assert_close(out, out_ref, torch.float32, "out")
+    assert torch.equal(final, final_ref)
+    for name, gr, gr_ref in zip(["dx", "dkernels", "dh0"], grads, grads_ref):
+        assert_close(gr, gr_ref, torch.float32, name, GRAD_TOLERANCES)
+
+
+# ----- dispatch ------------------------------------------------------------------------------
+
+
+def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
+    gen = torch.Generator().manual_seed(41)
+    K, V, D, W = 16, 32, 24, 4
+    cu, slots, has = packed([3, 6]), torch.tensor([2, 0]), torch.tensor([True, False])
+    q, k, v, g, beta = gdn_inputs((9,), K, V, torch.float32, gen)
+    pool = state_pool(3, K, V, torch.float32, gen)
+    p1, p2 = pool.clone(), pool.clone()
+    assert torch.equal(dispatch.chunk_gated_delta_rule(q, k, v, g, beta, cu, p1, slots, has),
+                       chunk_cpu.chunk_gated_delta_rule(q, k, v, g, beta, cu, p2, slots, has))
+    assert torch.equal(p1, p2)
+
+    # one sequence of 3 draft tokens: [9, ...] -> [1, 3, ...]
+    q4, k4, v4, g4, b4 = (t[:3][None] for t in (q, k, v, g, beta))
+    token_slots, n_acc = torch.tensor([[0, 1, 2]]), torch.tensor([2])
+    p1, p2 = pool.clone(), pool.clone()
+    assert torch.equal(
+        dispatch.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p1, token_slots, num_accepted_tokens=n_acc),
+        recurrent_cpu.fused_recurrent_gated_delta_rule_spec_decode(q4, k4, v4, g4, b4, p2, token_slots,
+                                                                   num_accepted_tokens=n_acc))
+    assert torch.equal(p1, p2)
+
+    x, kernels = torch.randn(9, D, generator=gen), torch.randn(9, D, W, generator=gen)
+    cpool = conv_pool(3, W, D, torch.float32, gen)
+    c1, c2 = cpool.clone(), cpool.clone()
+    assert torch.equal(dispatch.dynamic_causal_conv(x, kernels, cu, c1, slots, has),
+                       conv_cpu.dynamic_causal_conv(x, kernels, cu, c2, slots, has))
+    assert torch.equal(dispatch.dynamic_causal_conv_step(x[:2], kernels[:2], c1, slots),
+                       conv_cpu.dynamic_causal_conv_step(x[:2], kernels[:2], c2, slots))
+    assert torch.equal(c1, c2)
+    z, w = torch.randn(9, V, generator=gen), torch.randn(V, generator=gen)
+    assert torch.equal(dispatch.gated_rmsnorm(v[:, 0], z, w, 1e-6), gated_rmsnorm_naive(v[:, 0], z, w, 1e-6))
+
+
+if RUN_IN_SUBPROCESS:
+    for _name, _test in list(globals().items()):
+        if _name.startswith("test_") and callable(_test):
+            globals()[_name] = _reported_from_fresh_interpreter(_test)
