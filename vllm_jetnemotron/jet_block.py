@@ -166,36 +166,77 @@ class JetBlock(nn.Module, MambaBase):
             return  # profiling run: no states are bound yet
         meta = attn_metadata[self.prefix]
         assert isinstance(meta, GDNAttentionMetadata)
-        if meta.spec_sequence_masks is not None:
-            raise NotImplementedError(
-                "JetBlock does not handle speculative-decoding batches yet")
         conv_state, recurrent_state = self.kv_cache
         if is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # [slots, dim, len] -> [slots, len, dim]
-        conv_state = conv_state[:, : self.conv_size - 1]
+        inputs = (q, k, u, conv_kernels, g, beta)
+        if meta.spec_sequence_masks is None:
+            self._forward_decodes_and_prefills(meta, inputs, core_out, conv_state, recurrent_state)
+            return
+        # Speculative decoding: draft sequences, plus prefills (never plain decodes).
+        if meta.num_prefills == 0:
+            spec_tokens = slice(0, meta.num_actual_tokens)
+        else:
+            spec_tokens = meta.spec_token_indx
+            prefill_tokens = meta.non_spec_token_indx
+            core_out[prefill_tokens] = self._forward_prefills(
+                [x[prefill_tokens] for x in inputs], meta.prefill_query_start_loc,
+                meta.prefill_state_indices, meta.prefill_has_initial_state, conv_state, recurrent_state)
+        core_out[spec_tokens] = self._forward_drafts(
+            meta, [x[spec_tokens] for x in inputs], conv_state, recurrent_state)
+
+    def _forward_decodes_and_prefills(self, meta, inputs, core_out, conv_state, recurrent_state) -> None:
+        """Plain batches: `num_decodes` one-token decodes first, then the prefills."""
         slots = meta.non_spec_state_indices_tensor
         num_decodes, num_decode_tokens = meta.num_decodes, meta.num_decode_tokens
-
         if num_decodes > 0:
+            q, k, u, conv_kernels, g, beta = (x[:num_decode_tokens] for x in inputs)
             d_slots = slots[:num_decodes]
-            d = slice(0, num_decode_tokens)
-            v = jet_ops.dynamic_causal_conv_step(u[d], conv_kernels[d], conv_state, d_slots)
+            history = conv_state[:, : self.conv_size - 1]
+            v = jet_ops.dynamic_causal_conv_step(u, conv_kernels, history, d_slots)
             # one token per sequence: [N, ...] -> [N, 1, ...]
             o = jet_ops.fused_recurrent_gated_delta_rule(
-                q[d, None], k[d, None], v.view(-1, 1, self.num_heads, self.head_v_dim),
-                g[d, None], beta[d, None], recurrent_state, d_slots)
-            core_out[d] = o[:, 0]
-
+                q[:, None], k[:, None], v.view(-1, 1, self.num_heads, self.head_v_dim),
+                g[:, None], beta[:, None], recurrent_state, d_slots)
+            core_out[:num_decode_tokens] = o[:, 0]
         if meta.num_prefills > 0:
-            p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
             p = slice(num_decode_tokens, num_decode_tokens + meta.num_prefill_tokens)
+            p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
             cu_seqlens = meta.non_spec_query_start_loc[num_decodes:] - num_decode_tokens
-            has_initial_state = meta.has_initial_state[p_seqs]
-            v = jet_ops.dynamic_causal_conv(
-                u[p], conv_kernels[p], cu_seqlens, conv_state, slots[p_seqs], has_initial_state)
-            core_out[p] = jet_ops.chunk_gated_delta_rule(
-                q[p], k[p], v.view(-1, self.num_heads, self.head_v_dim), g[p], beta[p],
-                cu_seqlens, recurrent_state, slots[p_seqs], has_initial_state)
+            core_out[p] = self._forward_prefills(
+                [x[p] for x in inputs], cu_seqlens, slots[p_seqs], meta.has_initial_state[p_seqs],
+                conv_state, recurrent_state)
+
+    def _forward_prefills(self, inputs, cu_seqlens, slots, has_initial_state, conv_state,
+                          recurrent_state) -> torch.Tensor:
+        q, k, u, conv_kernels, g, beta = inputs
+        history = conv_state[:, : self.conv_size - 1]  # prefills keep W - 1 inputs
+        v = jet_ops.dynamic_causal_conv(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
+        return jet_ops.chunk_gated_delta_rule(
+            q, k, v.view(-1, self.num_heads, self.head_v_dim), g, beta, cu_seqlens,
+            recurrent_state, slots, has_initial_state)
+
+    def _forward_drafts(self, meta, inputs, conv_state, recurrent_state) -> torch.Tensor:
+        """Sequences verifying draft tokens: each starts from the states after the token
+        the previous step accepted last and keeps a state per draft position, so rejected
+        drafts never reach the state the next step resumes from."""
+        q, k, u, conv_kernels, g, beta = inputs
+        n = meta.num_spec_decodes
+        cu_seqlens = meta.spec_query_start_loc[: n + 1]
+        slots = meta.spec_state_indices_tensor[:n]  # [N, 1 + num_spec]
+        accepted = meta.num_accepted_tokens[:n]
+        v = jet_ops.dynamic_causal_conv_spec_decode(
+            u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
+        v = v.view(-1, self.num_heads, self.head_v_dim)
+        out = torch.empty_like(v)
+        bounds = cu_seqlens.tolist()
+        for i in range(n):  # sequences may verify different numbers of drafts
+            s, e = bounds[i], bounds[i + 1]
+            # [L, ...] -> [1, L, ...]
+            out[s:e] = jet_ops.fused_recurrent_gated_delta_rule(
+                q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
+                recurrent_state, slots[i: i + 1, : e - s], num_accepted_tokens=accepted[i: i + 1])[0]
+        return out
 
 
 def jet_block_core(

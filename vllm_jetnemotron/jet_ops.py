@@ -10,10 +10,12 @@ from vllm_jetnemotron.kernels import (
     fused_recurrent_gated_delta_rule,
     gated_rmsnorm,
 )
+from vllm_jetnemotron.kernels.dynamic_conv.cpu import dynamic_causal_conv_spec_decode
 
 __all__ = [
     "chunk_gated_delta_rule",
     "dynamic_causal_conv",
+    "dynamic_causal_conv_spec_decode",
     "dynamic_causal_conv_step",
     "fused_recurrent_gated_delta_rule",
     "gated_rmsnorm",

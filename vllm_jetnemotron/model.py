@@ -26,6 +26,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
 from vllm.model_executor.models.qwen2 import Qwen2MLP
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from .config import JetNemotronConfig, checkpoint_tensor_shapes
@@ -156,11 +157,14 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid):
         config: JetNemotronConfig = vllm_config.model_config.hf_config
         self.config = config
         self.vllm_config = vllm_config
-        self.model = JetNemotronModel(vllm_config=vllm_config, prefix="model")
+        # `prefix` is empty for the served model and set for a draft model, whose layers
+        # must not collide with the target's in the forward context.
+        self.model = JetNemotronModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
-            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix="lm_head")
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
+                                          prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
