@@ -235,7 +235,7 @@ class JetBlock(nn.Module, MambaBase):
             # [L, ...] -> [1, L, ...]
             out[s:e] = jet_ops.fused_recurrent_gated_delta_rule(
                 q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
-                recurrent_state, slots[i: i + 1, : e - s], num_accepted_tokens=accepted[i: i + 1])[0]
+                recurrent_state, slots[i: i + 1], num_accepted_tokens=accepted[i: i + 1])[0]
         return out
 
 

@@ -23,9 +23,9 @@ def fused_recurrent_gated_delta_rule(
             tokens each (L = 1 for plain decode).
         state_pool: `[num_slots, H, K, V]`.
         state_indices: `[N]` one slot per sequence (read, then overwritten with the state
-            after its last token), or `[N, L]`: read from `[:, 0]`, the state after token j
-            written to `[:, j]` (speculative decoding keeps every draft position).
-        num_accepted_tokens: `[N]`, with `[N, L]` indices only: sequence n starts from slot
+            after its last token), or `[N, >= L]`: read from `[:, 0]`, the state after token
+            j written to `[:, j]` (speculative decoding keeps every draft position).
+        num_accepted_tokens: `[N]`, with per-token indices only: sequence n starts from slot
             `state_indices[n, num_accepted_tokens[n] - 1]`, the state after the last draft
             token the previous step accepted (vLLM's speculative-decoding layout).
     Returns:
