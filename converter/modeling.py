@@ -23,6 +23,8 @@ from vllm_jetnemotron.kernels import (
     gated_rmsnorm_naive,
     naive_recurrent_gated_delta_rule,
 )
+from vllm_jetnemotron.kernels.gated_delta_rule.chunk import _chunk_sequence
+from vllm_jetnemotron.kernels.gated_delta_rule.naive import l2_normalize
 
 
 @dataclass
@@ -108,6 +110,31 @@ class JetNemotronAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def chunked_gated_delta_rule_for_training(q, k, v, g, beta, chunk_size: int = 64) -> torch.Tensor:
+    """Differentiable gated delta rule from zero states, for training (the converter).
+
+    q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`; returns o `[B, T, H, V]`
+    in v's dtype, equal to `naive_recurrent_gated_delta_rule` up to float rounding. CUDA
+    tensors use the Triton forward with PyTorch backward; elsewhere the chunked PyTorch
+    formulation (`kernels.gated_delta_rule.chunk`) runs under autograd."""
+    if q.is_cuda:
+        from vllm_jetnemotron.kernels import chunk_gated_delta_rule_autograd
+
+        return chunk_gated_delta_rule_autograd(q, k, v, g, beta, chunk_size=chunk_size)[0]
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    q, k = l2_normalize(q.float()), l2_normalize(k.float())
+    q = q * K**-0.5
+
+    def fold(x):  # [B, T, H, ...] -> [T, B * H, ...]: sequences become extra heads
+        return x.float().transpose(0, 1).reshape(T, B * H, *x.shape[3:])
+
+    o, _ = _chunk_sequence(fold(q), fold(k), fold(v), fold(g), fold(beta),
+                           q.new_zeros(B * H, K, V), chunk_size)
+    # [T, B * H, V] -> [B, T, H, V]
+    return o.view(T, B, H, V).transpose(0, 1).to(v.dtype)
+
+
 class KernelGenerator(nn.Module):
     """Per-token dynamic-conv filters from the layer input: w2(silu(w1(x)))."""
 
@@ -134,7 +161,12 @@ class DynamicConv1d(nn.Module):
 
 
 class JetBlock(nn.Module):
-    """Gated delta rule linear attention with a dynamic convolution on values."""
+    """Gated delta rule linear attention with a dynamic convolution on values.
+
+    `chunked_training = True` (set by the converter) makes cache-less forwards use
+    `chunked_gated_delta_rule_for_training`; the default is the token loop (the oracle)."""
+
+    chunked_training = False
 
     def __init__(self, config: JetNemotronConfig, layer_idx: int):
         super().__init__()
@@ -164,9 +196,12 @@ class JetBlock(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         conv_state = cache.conv_states.get(self.layer_idx) if cache is not None else None
         v, conv_state = self.dynamic_conv1d(x, self.v_proj(x), conv_state)
-        state = cache.recurrent_states.get(self.layer_idx) if cache is not None else None
-        o, state = naive_recurrent_gated_delta_rule(
-            q, k, v.view(B, T, H, V), g, beta, initial_state=state, output_final_state=cache is not None)
+        if self.chunked_training and cache is None:
+            o = chunked_gated_delta_rule_for_training(q, k, v.view(B, T, H, V), g, beta)
+        else:
+            state = cache.recurrent_states.get(self.layer_idx) if cache is not None else None
+            o, state = naive_recurrent_gated_delta_rule(
+                q, k, v.view(B, T, H, V), g, beta, initial_state=state, output_final_state=cache is not None)
         if cache is not None:
             cache.conv_states[self.layer_idx], cache.recurrent_states[self.layer_idx] = conv_state, state
         z = self.g_proj(x).view(B, T, H, V)

@@ -1,0 +1,201 @@
+"""`jet-nemotron-convert` (also `python -m vllm_jetnemotron.converter`): PostNAS from a
+Hugging Face full-attention teacher to a Jet-Nemotron checkpoint vLLM serves, with a
+speculative draft and a report.
+
+    jet-nemotron-convert recipes/demo.yaml --out models/converted
+    torchrun --nproc-per-node 2 -m vllm_jetnemotron.converter recipe.yaml   # DDP
+
+Stages (DESIGN.md section 5) run in order, each resumable in the workdir: re-running the
+same command after a kill continues from the last saved step; finished stages are
+skipped. Bad input stops before any training with a message naming what is wrong, and
+`--out` is only created, complete, at the very end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import DataError, read_user_eval, retrieval_set, tokenize_corpus, validation_batches
+from .recipe import STAGE_STEP_KEYS, RecipeError, build_recipe, read_recipe_file
+from .teacher import TeacherError, check_teacher, load_teacher, teacher_state_dict
+from .training import StoppedEarly, setup_runtime
+
+log = logging.getLogger("jet_nemotron_convert")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jet-nemotron-convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="YAML or JSON recipe (keys: see converter/recipe.py)")
+    p.add_argument("--teacher", help="Hugging Face teacher folder (Qwen2 / Qwen2.5 / Qwen3 / Llama)")
+    p.add_argument("--data", nargs="+", help="text/jsonl files or folders, or a `datasets` name")
+    p.add_argument("--workdir", help="stage checkpoints and logs (resume from here)")
+    p.add_argument("--out", help="output checkpoint folder (must not exist)")
+    p.add_argument("--attn", type=int, help="number of full-attention layers to keep")
+    p.add_argument("--swa", type=int, help="number of sliding-window attention layers")
+    p.add_argument("--swa-window", type=int, help="sliding window size in tokens")
+    p.add_argument("--candidates", nargs="+", choices=["jet", "gdn"], help="token-mixer candidates (stage 3)")
+    p.add_argument("--state-size", type=int, help="recurrent-state elements per JetBlock (H*K*V) for stage 4")
+    p.add_argument("--steps", nargs="+", default=[], metavar="STAGE=N",
+                   help=f"optimiser steps per stage, stages: {', '.join(STAGE_STEP_KEYS)}")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after N steps
+    return p.parse_args(argv)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for key in ("teacher", "workdir", "out", "device", "seed", "state_size"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = str(Path(value).resolve()) if key in ("teacher", "workdir", "out") else value
+    if args.data:
+        out["data"] = [str(Path(d).resolve()) if Path(d).exists() else d for d in args.data]
+    budget = {k: v for k, v in (("attn", args.attn), ("swa", args.swa), ("swa_window", args.swa_window))
+              if v is not None}
+    if budget:
+        out["budget"] = budget
+    if args.candidates:
+        out["blocks"] = {"candidates": args.candidates}
+    for item in args.steps:
+        stage, _, count = item.partition("=")
+        if stage not in STAGE_STEP_KEYS or not count.isdigit():
+            raise RecipeError(f"--steps takes STAGE=N with STAGE in {STAGE_STEP_KEYS}, got {item!r}")
+        out.setdefault(stage, {})["steps"] = int(count)
+    return out
+
+
+def validate_inputs(recipe: dict) -> dict:
+    """Everything that can be checked before any work; returns the teacher config."""
+    teacher_config = check_teacher(recipe["teacher"])
+    layers = teacher_config["num_hidden_layers"]
+    budget = recipe["budget"]
+    if budget["attn"] + budget["swa"] > layers:
+        raise RecipeError(f"budget asks for {budget['attn']} attn + {budget['swa']} swa layers but the teacher "
+                          f"{recipe['teacher']} has only {layers} layers")
+    if Path(recipe["out"]).exists():
+        raise RecipeError(f"--out {recipe['out']} already exists; remove it or choose a new folder")
+    if teacher_config["hidden_size"] // teacher_config["num_attention_heads"] < 32:
+        log.warning("attention head_dim %d < 32: vLLM's CPU attention will not load the result",
+                    teacher_config["hidden_size"] // teacher_config["num_attention_heads"])
+    for path in recipe["eval"]["files"]:
+        if not Path(path).is_file():
+            raise DataError(f"eval file {path} does not exist")
+    return teacher_config
+
+
+def setup_logging(workdir: Path, is_main: bool) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    log.propagate = False
+    if not is_main:
+        return
+    workdir.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(workdir / "convert.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+def convert(recipe: dict, stop_after: int | None = None) -> Path:
+    """Run (or resume) every stage, export, return the output folder."""
+    from . import stages
+    from .export import export
+
+    teacher_config = validate_inputs(recipe)
+    rt = setup_runtime(recipe["device"], recipe["seed"], stop_after)
+    workdir = Path(recipe["workdir"])
+    setup_logging(workdir, rt.is_main)
+    started = time.time()
+    torch.manual_seed(recipe["seed"])
+    tokens = tokenize_corpus(recipe["data"], recipe["teacher"], workdir / "data", recipe["seq_len"],
+                             recipe["val_fraction"], recipe["max_tokens"], write=rt.is_main)
+    rt.barrier()
+    user_sets = [read_user_eval(p, recipe["teacher"], recipe["seq_len"]) for p in recipe["eval"]["files"]]
+    if rt.is_main:
+        (workdir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+    log.info("teacher %s (%s, %d layers); %d training tokens; device %s, %d process(es)", recipe["teacher"],
+             teacher_config["architectures"][0], teacher_config["num_hidden_layers"], len(tokens.train),
+             rt.device, rt.world_size)
+    if teacher_config["architectures"][0] == "Qwen3ForCausalLM":
+        log.warning("Qwen3 q/k norms have no place in the Jet-Nemotron format: dropped; set final.trainable: all")
+    teacher = load_teacher(recipe["teacher"], rt.device)
+    placement = recipe["placement"]
+    ctx = stages.Context(
+        recipe=recipe, rt=rt, workdir=workdir, teacher_config=teacher_config, teacher=teacher,
+        teacher_tensors=teacher_state_dict(teacher), tokens=tokens,
+        val_batches=validation_batches(tokens.val, placement["eval_batches"], recipe["batch_size"], recipe["seq_len"]),
+        retrieval=retrieval_set(tokens.val, placement["retrieval_samples"], recipe["seq_len"],
+                                placement["retrieval_value_len"], recipe["seed"]),
+        user_sets=user_sets)
+    timings = {}
+
+    def timed(name, fn):
+        t0 = time.time()
+        result = fn(ctx)
+        timings[name] = round(time.time() - t0, 1)
+        log.info("stage %s done (%.1f s)", name, timings[name])
+        return result
+
+    teacher_metrics = timed("teacher", stages.teacher_reference)
+    supernet = timed("supernet", stages.stage_supernet)
+    placement_result = timed("placement", stages.stage_placement)
+    blocks = timed("blocks", stages.stage_blocks)
+    hardware = timed("hardware", stages.stage_hardware)
+    final = timed("final", stages.stage_final)
+    baselines = timed("baselines", stages.stage_baselines)
+    draft = timed("draft", stages.stage_draft)
+    if not rt.is_main:
+        rt.barrier()
+        return Path(recipe["out"])
+    teacher_jet_config = ctx.config(["attn"] * ctx.num_layers)
+    comparison = {"teacher": {**teacher_metrics,
+                              "state_bytes_4k": teacher_jet_config.state_bytes_per_sequence(4096),
+                              "state_bytes_64k": teacher_jet_config.state_bytes_per_sequence(65536)},
+                  "converted": final}
+    comparison.update({f"{name} (distilled)": r for name, r in baselines.items()})
+    for name in ("uniform", "all_jet"):
+        if name not in baselines:  # super-network numbers when the baseline was not distilled
+            r = placement_result["supernet_layouts"][name]
+            config = ctx.config(r["layer_types"])
+            comparison[f"{name} (super-network)"] = {**r, "state_bytes_4k": config.state_bytes_per_sequence(4096),
+                                                     "state_bytes_64k": config.state_bytes_per_sequence(65536)}
+    loss_curves = {"supernet": supernet["losses"], "final": final["losses"], "draft": draft["losses"]}
+    loss_curves.update({f"blocks-{k}": c["losses"] for k, c in blocks["candidates"].items()})
+    loss_curves.update({f"hardware-{k}": c["losses"] for k, c in hardware["candidates"].items()})
+    loss_curves.update({f"baseline-{k}": c["losses"] for k, c in baselines.items()})
+    report = {"teacher": recipe["teacher"], "recipe": recipe, "comparison": comparison,
+              "placement": placement_result, "blocks": blocks, "hardware": hardware, "final": final,
+              "baselines": baselines, "draft": draft, "loss_curves": loss_curves,
+              "stage_seconds_this_run": timings, "seconds_this_run": round(time.time() - started, 1)}
+    out = export(workdir, Path(recipe["out"]), recipe, report)
+    log.info("wrote %s (report.md, speculative_config.json, draft/) in %.1f s", out, time.time() - started)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        file_values = read_recipe_file(args.recipe) if args.recipe else {}
+        recipe = build_recipe(file_values, overrides_from_args(args))
+        out = convert(recipe, args.stop_after)
+    except StoppedEarly as stop:
+        print(f"jet-nemotron-convert: {stop}", file=sys.stderr)
+        return 3
+    except (RecipeError, TeacherError, DataError, FileExistsError) as error:
+        print(f"jet-nemotron-convert: error: {error}", file=sys.stderr)
+        return 2
+    print(f"converted checkpoint: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

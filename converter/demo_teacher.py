@@ -1,0 +1,170 @@
+"""A small teacher to convert when no pretrained weights can be downloaded: a Qwen2
+model (transformers `Qwen2ForCausalLM`, saved with `save_pretrained`) with a byte-level
+BPE tokenizer, both trained on the Python standard library's own source files (present
+on every machine with Python).
+
+    python -m vllm_jetnemotron.converter.demo_teacher models/demo-teacher \
+        --corpus models/demo-corpus --steps 600
+
+Writes the corpus as `<corpus>/stdlib.jsonl` (one document per source file, fixed order)
+and the teacher folder (config, weights, tokenizer, `train_log.jsonl`); both atomically.
+The teacher trains on the same token split the converter uses (`data.tokenize_corpus`),
+so the converter's validation tokens are unseen by the teacher too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+EOS = "<|endoftext|>"
+SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
+                "__pycache__", "ensurepip", "pydoc_data", "encodings"}
+
+
+def stdlib_documents(max_chars: int) -> list[str]:
+    """Source files of the standard library (tests and vendored packages skipped), in
+    path order, until `max_chars` characters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if SKIPPED_DIRS & set(path.relative_to(root).parts[:-1]):
+            continue
+        text = path.read_text(errors="replace")
+        if not text.strip():
+            continue
+        docs.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return docs
+
+
+def write_corpus(corpus_dir: Path, max_chars: int) -> Path:
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    file = corpus_dir / "stdlib.jsonl"
+    if not file.is_file():
+        tmp = file.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for doc in stdlib_documents(max_chars):
+                f.write(json.dumps({"text": doc}) + "\n")
+        tmp.replace(file)
+    return file
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> None:
+    """Byte-level BPE (GPT-2 / Qwen style) saved as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+    fast.save_pretrained(out_dir)
+
+
+def tiny_qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int,
+                      eos_id: int, max_positions: int = 4096):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=True,
+                       bos_token_id=eos_id, eos_token_id=eos_id, rms_norm_eps=1e-6,
+                       architectures=["Qwen2ForCausalLM"])
+
+
+def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
+             intermediate: int, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
+             max_tokens: int, val_fraction: float = 0.05) -> Path:
+    """Train tokenizer and teacher; write `out_dir` atomically. Returns it."""
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from .data import tokenize_corpus, train_batch
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+        train_tokenizer(texts, vocab_size, tmp)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        tokens = tokenize_corpus([str(corpus)], str(tmp), tmp / "cache", seq_len, val_fraction, max_tokens)
+        shutil.rmtree(tmp / "cache", ignore_errors=True)
+        torch.manual_seed(seed)
+        config = tiny_qwen2_config(len(tokenizer), hidden, layers, heads, kv_heads, intermediate,
+                                   tokenizer.eos_token_id)
+        model = Qwen2ForCausalLM(config).float()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+        log = (tmp / "train_log.jsonl").open("w")
+        started = time.time()
+        model.train()
+        for step in range(steps):
+            warm = min(50, steps // 10 + 1)
+            scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * scale
+            ids = train_batch(tokens.train, batch_size, seq_len, seed, "teacher", step)
+            logits = model(input_ids=ids).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            log.write(json.dumps({"step": step + 1, "loss": float(loss), "seconds": round(time.time() - started, 1)}) + "\n")
+            if (step + 1) % 20 == 0 or step == 0:
+                print(f"teacher step {step + 1}/{steps} loss {float(loss):.3f} "
+                      f"({time.time() - started:.0f} s)", flush=True)
+        log.close()
+        model.eval()
+        model.save_pretrained(tmp)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--corpus", type=Path, required=True, help="folder for stdlib.jsonl")
+    p.add_argument("--max-chars", type=int, default=6_000_000)
+    p.add_argument("--max-tokens", type=int, default=20_000_000, help="must match the recipe's max_tokens")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=768)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    started = time.time()
+    corpus = write_corpus(args.corpus, args.max_chars)
+    pretrain(args.out_dir, corpus, args.vocab_size, args.hidden, args.layers, args.heads, args.kv_heads,
+             args.intermediate, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, args.max_tokens)
+    print(f"wrote the teacher {args.out_dir} in {time.time() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

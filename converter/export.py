@@ -1,0 +1,166 @@
+"""Export (DESIGN.md section 3) and the report: the converted model in the official
+checkpoint format with the teacher's tokenizer, the draft in `draft/`, the vLLM
+`speculative_config.json`, and `report.json`, `report.md`, `plots/*.png`.
+
+Everything is written to a temporary folder beside `--out` and renamed at the end, so
+`--out` either does not exist or holds a complete result.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from vllm_jetnemotron.config import JetNemotronConfig
+
+from .teacher import copy_tokenizer_files
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def save_model_folder(saved_file: Path, folder: Path, dtype: torch.dtype, teacher_dir: str) -> JetNemotronConfig:
+    """A saved `{config, state_dict}` as a Hugging Face folder plus the teacher's tokenizer."""
+    from .modeling import JetNemotronForCausalLM
+
+    saved = torch.load(saved_file, map_location="cpu", weights_only=False)
+    config = JetNemotronConfig(**saved["config"])
+    config.dtype = dtype
+    model = JetNemotronForCausalLM(config)
+    model.load_state_dict(saved["state_dict"])
+    model.to(dtype).save_pretrained(folder)
+    copy_tokenizer_files(teacher_dir, folder)
+    if not (folder / "generation_config.json").is_file():
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2))
+    return config
+
+
+def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
+    out = out.resolve()
+    if out.exists():
+        raise FileExistsError(f"--out {out} already exists; remove it or choose a new folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        dtype = DTYPES[recipe["export"]["dtype"]]
+        save_model_folder(workdir / "5-final" / "model.pt", tmp, dtype, recipe["teacher"])
+        (tmp / "draft").mkdir()
+        save_model_folder(workdir / "6-draft" / "model.pt", tmp / "draft", dtype, recipe["teacher"])
+        speculative = {"method": "draft_model", "model": str(out / "draft"),
+                       "num_speculative_tokens": recipe["draft"]["num_speculative_tokens"]}
+        (tmp / "speculative_config.json").write_text(json.dumps(speculative, indent=2) + "\n")
+        write_report(tmp, report)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----- report -------------------------------------------------------------------------
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def write_report(folder: Path, report: dict) -> None:
+    (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plots = folder / "plots"
+    plots.mkdir()
+    try:
+        write_plots(plots, report)
+    except ImportError:  # matplotlib missing: the numbers are still in report.json / .md
+        pass
+    (folder / "report.md").write_text(report_markdown(report))
+
+
+def report_markdown(report: dict) -> str:
+    rows = report["comparison"]
+    lines = ["# Jet-Nemotron conversion report", "",
+             f"Teacher: `{report['teacher']}`  ", f"Layer types: `{report['final']['layer_types']}`  ",
+             f"Block: `{report['blocks']['chosen']}`, JetBlock settings: `{report['hardware']['jet']}`  ",
+             f"Draft: {len(report['draft']['layer_map'])} attention layers (teacher layers "
+             f"{report['draft']['layer_map']}), greedy agreement with the converted model "
+             f"{report['draft']['top1_agreement']:.1%}", "",
+             "| model | val perplexity | retrieval accuracy | state / sequence at 4K | at 64K |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['val_ppl']:.3f} | {r['retrieval']:.1%} | "
+                     f"{_fmt_bytes(r['state_bytes_4k'])} | {_fmt_bytes(r['state_bytes_64k'])} |")
+    lines += ["", "State bytes: KV cache of attn/swa layers plus JetBlock conv and recurrent states, "
+              "bf16 elements.", "",
+              "## Placement search (super-network scores, one attention layer at a time)", "",
+              "| layer | score | val loss | retrieval |", "|---|---|---|---|"]
+    for s in report["placement"]["single_layer"]:
+        lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {s['retrieval']:.1%} |")
+    lines += ["", "## Hardware-aware search", "",
+              "| candidate | score | val loss | retrieval | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|"]
+    for label, c in report["hardware"]["candidates"].items():
+        lines.append(f"| {label} | {c['score']:.4f} | {c['val_loss']:.4f} | {c['retrieval']:.1%} | "
+                     f"{c['decode_tokens_per_s']:.0f} | {c['prefill_tokens_per_s']:.0f} |")
+    lines += ["", f"Chosen: {report['hardware']['chosen']} (state size {report['hardware']['state_size']} "
+              "elements per JetBlock)", "",
+              "## Block selection", "", "| block | score | val loss | retrieval | forward tok/s |",
+              "|---|---|---|---|---|"]
+    for kind, c in report["blocks"]["candidates"].items():
+        lines.append(f"| {kind} | {c['score']:.4f} | {c['val_loss']:.4f} | {c['retrieval']:.1%} | "
+                     f"{c['forward_tokens_per_s']:.0f} |")
+    lines += ["", "## Serving", "",
+              "The folder is a Jet-Nemotron checkpoint: `python -m vllm_jetnemotron serve <this folder>`, or "
+              "`LLM(model=<this folder>)`. Speculative decoding: pass the content of `speculative_config.json` "
+              "as `--speculative-config` / `LLM(speculative_config=...)`. Its `model` is the absolute path "
+              "of `draft/` written at export; vLLM resolves a relative path against the current working "
+              "directory, so after moving the folder update that path.", ""]
+    return "\n".join(lines)
+
+
+def write_plots(plots: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, losses in report["loss_curves"].items():
+        if losses:
+            ax.plot(range(1, len(losses) + 1), losses, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("distillation loss (KL)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("Loss curves")
+    fig.tight_layout()
+    fig.savefig(plots / "loss_curves.png", dpi=100)
+    plt.close(fig)
+
+    single = report["placement"]["single_layer"]
+    fig, ax1 = plt.subplots(figsize=(8, 4))
+    layers = [s["layer"] for s in single]
+    ax1.bar([x - 0.2 for x in layers], [s["retrieval"] for s in single], width=0.4, label="retrieval accuracy")
+    ax1.set_xlabel("layer kept as full attention (all others JetBlocks)")
+    ax1.set_ylabel("retrieval accuracy")
+    ax2 = ax1.twinx()
+    ax2.bar([x + 0.2 for x in layers], [s["val_loss"] for s in single], width=0.4, color="tab:orange",
+            label="validation loss")
+    ax2.set_ylabel("validation loss")
+    fig.legend(loc="upper right", fontsize=7)
+    ax1.set_title("Per-layer placement scores (super-network)")
+    fig.tight_layout()
+    fig.savefig(plots / "placement_scores.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, c in report["hardware"]["candidates"].items():
+        ax.scatter(c["decode_tokens_per_s"], c["score"])
+        ax.annotate(label, (c["decode_tokens_per_s"], c["score"]), fontsize=7)
+    ax.set_xlabel("JetBlock decode throughput (tokens/s, this machine)")
+    ax.set_ylabel("score after short training (higher is better)")
+    ax.set_title("Hardware-aware search")
+    fig.tight_layout()
+    fig.savefig(plots / "accuracy_vs_throughput.png", dpi=100)
+    plt.close(fig)

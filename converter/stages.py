@@ -1,0 +1,440 @@
+"""The PostNAS stages (DESIGN.md section 5), each a function of the shared `Context`
+with its inputs and outputs in its own workdir folder:
+
+    1-supernet/   jet_blocks.pt          every layer's JetBlock trained in the super-network
+    2-placement/  result.json            beam search over attn / swa placement
+    3-blocks/     <kind>/, result.json   JetBlock vs gated DeltaNet (static conv)
+    4-hardware/   <H>-<K>-<e>/, result.json  grid at a fixed state size, accuracy vs throughput
+    5-final/      model.pt, result.json  final distillation of the chosen architecture
+    5-baselines/  <name>/                the same recipe for uniform / all-JetBlock layouts
+    6-draft/      model.pt, result.json  all-attention draft distilled from the final model
+
+A finished stage has a `done` file and is skipped on the next run; an unfinished one
+resumes from its checkpoint (see `training.run_training`). Stage results are JSON; the
+export and the report read only those files and the saved weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vllm_jetnemotron.config import JetNemotronConfig
+
+from .data import RetrievalSet, TokenData, UserEvalSet, step_generator
+from .hardware import candidate_grid, jetblock_throughput, state_size
+from .students import SuperNetwork, build_student, set_trainable
+from .teacher import student_config
+from .training import (Runtime, answer_loss, lm_loss, retrieval_accuracy, run_training, save_atomic,
+                       write_json_atomic)
+
+log = logging.getLogger("jet_nemotron_convert")
+
+
+@dataclass
+class Context:
+    recipe: dict
+    rt: Runtime
+    workdir: Path
+    teacher_config: dict
+    teacher: nn.Module  # Hugging Face model, frozen
+    teacher_tensors: dict[str, torch.Tensor]
+    tokens: TokenData
+    val_batches: list[torch.Tensor]
+    retrieval: RetrievalSet
+    user_sets: list[UserEvalSet]
+    teacher_metrics: dict | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.teacher_config["num_hidden_layers"]
+
+    def config(self, layer_types: list[str], jet: dict | None = None, provenance: dict | None = None
+               ) -> JetNemotronConfig:
+        return student_config(self.teacher_config, layer_types, jet or self.recipe["jet"],
+                              self.recipe["budget"]["swa_window"], provenance)
+
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.teacher(input_ids=ids).logits.float()
+
+    def train(self, name: str, stage_dir: Path, model: nn.Module, student_logits, steps: int, lr: float,
+              teacher_logits=None, warmup: int = 10) -> list[float]:
+        r = self.recipe
+        return run_training(name, stage_dir, model, student_logits, teacher_logits or self.teacher_logits,
+                            self.tokens.train, self.rt, steps, lr, r["batch_size"], r["seq_len"],
+                            r["save_every"], warmup=min(warmup, max(1, steps // 5)))
+
+
+# ----- shared pieces ------------------------------------------------------------------
+
+def is_done(stage_dir: Path) -> bool:
+    return (stage_dir / "done").is_file()
+
+
+def finish(ctx: Context, stage_dir: Path, result: dict) -> dict:
+    if ctx.rt.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(result, stage_dir / "result.json")
+        (stage_dir / "done").write_text("done\n")
+    ctx.rt.barrier()
+    return result
+
+
+def read_result(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / "result.json").read_text())
+
+
+def evaluate(ctx: Context, logits_fn) -> dict:
+    """Validation loss and perplexity, retrieval accuracy, user eval answer losses."""
+    device = ctx.rt.device
+    loss = lm_loss(logits_fn, ctx.val_batches, device)
+    metrics = {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp()),
+               "retrieval": retrieval_accuracy(logits_fn, ctx.retrieval, device, ctx.recipe["batch_size"])}
+    if ctx.user_sets:
+        metrics["user"] = {s.name: answer_loss(logits_fn, s, device) for s in ctx.user_sets}
+    return metrics
+
+
+def score(ctx: Context, metrics: dict) -> float:
+    """Higher is better: -w_loss * relative LM-loss gap to the teacher + w_retrieval *
+    retrieval accuracy - w_user * mean relative answer-loss gap."""
+    w = ctx.recipe["placement"]["weights"]
+    t = ctx.teacher_metrics
+    value = -w["loss"] * (metrics["val_loss"] / t["val_loss"] - 1) + w["retrieval"] * metrics["retrieval"]
+    if metrics.get("user"):
+        gaps = [metrics["user"][n] / t["user"][n] - 1 for n in metrics["user"]]
+        value -= w["user"] * sum(gaps) / len(gaps)
+    return value
+
+
+def model_logits(model: nn.Module):
+    return lambda ids: model(input_ids=ids).logits.float()
+
+
+def uniform_layer_types(num_layers: int, attn: int, swa: int) -> list[str]:
+    """`attn + swa` evenly spaced slots; the attn ones evenly spread among them."""
+    total = attn + swa
+    types = ["jet"] * num_layers
+    slots = [min(num_layers - 1, int((j + 0.5) * num_layers / total)) for j in range(total)]
+    attn_slots = {int((m + 0.5) * total / attn) for m in range(attn)} if attn else set()
+    for j, layer in enumerate(slots):
+        types[layer] = "attn" if j in attn_slots else "swa"
+    return types
+
+
+def jet_sources(ctx: Context) -> list[dict[str, torch.Tensor]]:
+    """Trained JetBlock weights from earlier stages, most specific first (hardware choice,
+    block choice, super-network); `build_student` takes the first that fits a layer."""
+    sources = []
+    for path in (ctx.workdir / "4-hardware" / "chosen_jet_blocks.pt", ctx.workdir / "3-blocks" / "chosen_jet_blocks.pt",
+                 ctx.workdir / "1-supernet" / "jet_blocks.pt"):
+        if path.is_file():
+            sources.append(torch.load(path, map_location="cpu"))
+    return sources
+
+
+def jet_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu().clone() for n, t in model.state_dict().items()
+            if ".self_attn." in n and model.config.layer_types[int(n.split(".")[2])] == "jet"}
+
+
+# ----- stage 0: the teacher's own numbers ---------------------------------------------
+
+def teacher_reference(ctx: Context) -> dict:
+    stage_dir = ctx.workdir / "0-teacher"
+    if not is_done(stage_dir):
+        finish(ctx, stage_dir, evaluate(ctx, ctx.teacher_logits))
+    ctx.teacher_metrics = read_result(stage_dir)
+    return ctx.teacher_metrics
+
+
+# ----- stage 1: super-network -----------------------------------------------------------
+
+def build_supernet(ctx: Context) -> SuperNetwork:
+    return SuperNetwork(ctx.config(["attn"] * ctx.num_layers), ctx.teacher_tensors,
+                        ctx.recipe["budget"]["swa_window"], ctx.rt.seed).to(ctx.rt.device)
+
+
+def sampled_layer_types(ctx: Context, step: int) -> list[str]:
+    """The once-for-all sample of a step: 0 .. attn+swa layers keep attention (each `attn`
+    or `swa` in the budget's proportion), the rest use their JetBlock."""
+    budget = ctx.recipe["budget"]
+    total = budget["attn"] + budget["swa"]
+    g = step_generator(ctx.rt.seed, "supernet-layers", step)
+    count = int(torch.randint(0, total + 1, (1,), generator=g))
+    chosen = torch.randperm(ctx.num_layers, generator=g)[:count].tolist()
+    types = ["jet"] * ctx.num_layers
+    for layer in chosen:
+        types[layer] = "swa" if float(torch.rand(1, generator=g)) * total < budget["swa"] else "attn"
+    return types
+
+
+def stage_supernet(ctx: Context) -> dict:
+    stage_dir = ctx.workdir / "1-supernet"
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    net = build_supernet(ctx)
+    settings = ctx.recipe["supernet"]
+    losses = ctx.train("supernet", stage_dir, net,
+                       lambda module, ids, step: module(ids, sampled_layer_types(ctx, step)),
+                       settings["steps"], settings["lr"], warmup=settings["warmup"])
+    if ctx.rt.is_main:
+        save_atomic(net.jet_state_dict(), stage_dir / "jet_blocks.pt")
+    return finish(ctx, stage_dir, {"losses": losses})
+
+
+# ----- stage 2: placement search --------------------------------------------------------
+
+def stage_placement(ctx: Context) -> dict:
+    """Beam search: add `attn` layers one at a time (keeping `beam_width` best layouts),
+    then `swa` layers the same way; every layout scored with the super-network."""
+    stage_dir = ctx.workdir / "2-placement"
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    net = build_supernet(ctx)
+    net.jet_blocks.load_state_dict(
+        {k.split(".self_attn.")[0].split(".")[-1] + "." + k.split(".self_attn.")[1]: v
+         for k, v in torch.load(ctx.workdir / "1-supernet" / "jet_blocks.pt").items()})
+    net.eval()
+    cache_file = stage_dir / "evaluations.json"
+    evaluations = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+
+    def evaluate_layout(types: tuple[str, ...]) -> float:
+        key = ",".join(types)
+        if key not in evaluations:
+            metrics = evaluate(ctx, lambda ids: net(ids, list(types)))
+            evaluations[key] = {**metrics, "score": score(ctx, metrics)}
+            if ctx.rt.is_main:
+                write_json_atomic(evaluations, cache_file)  # resumable between layouts
+        return evaluations[key]["score"]
+
+    budget, width = ctx.recipe["budget"], ctx.recipe["placement"]["beam_width"]
+    beam = [tuple(["jet"] * ctx.num_layers)]
+    steps = []
+    for kind in ["attn"] * budget["attn"] + ["swa"] * budget["swa"]:
+        expanded = {b[:i] + (kind,) + b[i + 1:] for b in beam for i in range(ctx.num_layers) if b[i] == "jet"}
+        ranked = sorted(expanded, key=lambda t: (-evaluate_layout(t), t))
+        steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
+        beam = ranked[:width]
+    best = list(beam[0])
+    single = []  # per-layer scores: one layer kept as attention, all others JetBlocks
+    for i in range(ctx.num_layers):
+        t = tuple("attn" if j == i else "jet" for j in range(ctx.num_layers))
+        evaluate_layout(t)
+        single.append({"layer": i, **evaluations[",".join(t)]})
+    extra = {}
+    for name, types in (("uniform", uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"])),
+                        ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
+        evaluate_layout(tuple(types))
+        extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
+    return finish(ctx, stage_dir, {"layer_types": best, "beam_steps": steps, "single_layer": single,
+                                   "supernet_layouts": extra})
+
+
+# ----- stage 3: block selection ---------------------------------------------------------
+
+def stage_blocks(ctx: Context) -> dict:
+    stage_dir = ctx.workdir / "3-blocks"
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
+    settings = ctx.recipe["blocks"]
+    results = {}
+    sources = jet_sources(ctx)
+    for kind in settings["candidates"]:
+        kind_dir = stage_dir / kind
+        if is_done(kind_dir):
+            results[kind] = read_result(kind_dir)
+            continue
+        model = build_student(ctx.config(layer_types), ctx.teacher_tensors, kind, sources, seed=ctx.rt.seed)
+        model.to(ctx.rt.device)
+        set_trainable(model, "mixers")
+        losses = ctx.train(f"blocks-{kind}", kind_dir, model,
+                           lambda module, ids, step: module(input_ids=ids).logits, settings["steps"], settings["lr"])
+        metrics = evaluate(ctx, model_logits(model))
+        speed = prefill_speed(model, ctx)
+        if ctx.rt.is_main:
+            save_atomic(jet_state(model), kind_dir / "jet_blocks.pt")
+        results[kind] = finish(ctx, kind_dir, {**metrics, "score": score(ctx, metrics), "losses": losses, **speed})
+    chosen = max(results, key=lambda k: results[k]["score"])
+    if ctx.rt.is_main:
+        save_atomic(torch.load(stage_dir / chosen / "jet_blocks.pt"), stage_dir / "chosen_jet_blocks.pt")
+    return finish(ctx, stage_dir, {"chosen": chosen, "candidates": results})
+
+
+@torch.no_grad()
+def prefill_speed(model: nn.Module, ctx: Context) -> dict:
+    """Model forward tokens per second on one batch (measured after a warm-up)."""
+    import time
+
+    ids = ctx.val_batches[0].to(ctx.rt.device)
+    model(input_ids=ids)
+    t0 = time.perf_counter()
+    model(input_ids=ids)
+    return {"forward_tokens_per_s": ids.numel() / (time.perf_counter() - t0)}
+
+
+# ----- stage 4: hardware-aware search ---------------------------------------------------
+
+def jet_label(jet: dict) -> str:
+    return f"H{jet['num_heads']}-K{jet['head_dim']}-e{float(jet['expand_v']):g}"
+
+
+def stage_hardware(ctx: Context) -> dict:
+    """Every grid point starts from the initialisation rule (no trained weights, so none
+    has a head start), trains `hardware.steps` steps, and is scored like the searches;
+    the choice is the best score among candidates whose decode throughput reaches
+    `min_relative_throughput` of the base settings'."""
+    stage_dir = ctx.workdir / "4-hardware"
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    r = ctx.recipe
+    settings = r["hardware"]
+    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
+    block = read_result(ctx.workdir / "3-blocks")["chosen"]
+    target = r["state_size"] or state_size(r["jet"])
+    grid = candidate_grid(r["jet"], target, settings["num_heads"], settings["head_dims"], settings["expand_v"],
+                          settings["max_candidates"])
+    if not grid:
+        raise ValueError(f"no (num_heads, head_dim, expand_v) in the hardware grid has a state of {target} "
+                         "elements; widen hardware.num_heads / head_dims / expand_v or change state_size")
+    results = {}
+    for jet in grid:
+        label = jet_label(jet)
+        cand_dir = stage_dir / label
+        if is_done(cand_dir):
+            results[label] = read_result(cand_dir)
+            continue
+        model = build_student(ctx.config(layer_types, jet), ctx.teacher_tensors, block, (), seed=ctx.rt.seed)
+        model.to(ctx.rt.device)
+        set_trainable(model, "mixers")
+        losses = ctx.train(f"hardware-{label}", cand_dir, model,
+                           lambda module, ids, step: module(input_ids=ids).logits, settings["steps"], settings["lr"])
+        metrics = evaluate(ctx, model_logits(model))
+        speed = jetblock_throughput(jet, ctx.teacher_config["hidden_size"], ctx.rt.device)
+        if ctx.rt.is_main:
+            save_atomic(jet_state(model), cand_dir / "jet_blocks.pt")
+        results[label] = finish(ctx, cand_dir, {"jet": jet, **metrics, "score": score(ctx, metrics),
+                                                "losses": losses, **speed})
+    base = results[jet_label(grid[0])]["decode_tokens_per_s"]
+    fast_enough = [k for k in results
+                   if results[k]["decode_tokens_per_s"] >= settings["min_relative_throughput"] * base]
+    chosen = max(fast_enough, key=lambda k: results[k]["score"])
+    if ctx.rt.is_main:
+        save_atomic(torch.load(stage_dir / chosen / "jet_blocks.pt"), stage_dir / "chosen_jet_blocks.pt")
+    return finish(ctx, stage_dir, {"chosen": chosen, "jet": results[chosen]["jet"], "state_size": target,
+                                   "candidates": results})
+
+
+# ----- stage 5: final distillation (and baselines) --------------------------------------
+
+def final_architecture(ctx: Context) -> tuple[list[str], dict, str]:
+    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
+    block = read_result(ctx.workdir / "3-blocks")["chosen"]
+    jet = read_result(ctx.workdir / "4-hardware")["jet"]
+    return layer_types, jet, block
+
+
+def provenance(ctx: Context, block: str, layer_types: list[str]) -> dict:
+    return {"tool": "vllm_jetnemotron.converter (PostNAS)", "teacher": str(ctx.recipe["teacher"]),
+            "block": block, "static_conv_layers": [i for i, t in enumerate(layer_types) if t == "jet"]
+            if block == "gdn" else []}
+
+
+def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[str], jet: dict, block: str,
+                  steps: int) -> dict:
+    """Build, distil (final.* settings) and evaluate one layout; weights in model.pt."""
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    settings = ctx.recipe["final"]
+    config = ctx.config(layer_types, jet, provenance(ctx, block, layer_types))
+    model = build_student(config, ctx.teacher_tensors, block, jet_sources(ctx), seed=ctx.rt.seed).to(ctx.rt.device)
+    set_trainable(model, settings["trainable"])
+    losses = ctx.train(name, stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
+                       steps, settings["lr"], warmup=settings["warmup"])
+    metrics = evaluate(ctx, model_logits(model))
+    if ctx.rt.is_main:
+        save_atomic({"config": config.to_dict(), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
+                    stage_dir / "model.pt")
+    return finish(ctx, stage_dir, {"layer_types": layer_types, "jet": jet, "block": block, **metrics,
+                                   "losses": losses,
+                                   "state_bytes_4k": config.state_bytes_per_sequence(4096),
+                                   "state_bytes_64k": config.state_bytes_per_sequence(65536)})
+
+
+def stage_final(ctx: Context) -> dict:
+    layer_types, jet, block = final_architecture(ctx)
+    return distil_layout(ctx, ctx.workdir / "5-final", "final", layer_types, jet, block,
+                         ctx.recipe["final"]["steps"])
+
+
+def stage_baselines(ctx: Context) -> dict:
+    _, jet, block = final_architecture(ctx)
+    budget = ctx.recipe["budget"]
+    layouts = {"uniform": uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"]),
+               "all_jet": ["jet"] * ctx.num_layers}
+    steps = ctx.recipe["baselines"]["steps"] or ctx.recipe["final"]["steps"]
+    return {name: distil_layout(ctx, ctx.workdir / "5-baselines" / name, f"baseline-{name}", layouts[name],
+                                jet, block, steps)
+            for name in ctx.recipe["baselines"]["placements"]}
+
+
+def load_saved_model(path: Path, device: torch.device):
+    from .modeling import JetNemotronForCausalLM
+    from .students import enable_training_kernels
+
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    model = JetNemotronForCausalLM(JetNemotronConfig(**saved["config"])).float()
+    model.load_state_dict(saved["state_dict"])
+    enable_training_kernels(model)
+    return model.to(device).eval()
+
+
+# ----- stage 6: speculative draft ---------------------------------------------------------
+
+def stage_draft(ctx: Context) -> dict:
+    """A small all-`attn` model (vLLM's draft_model method needs every draft layer in
+    one KV cache group): `draft.num_layers` evenly spaced teacher layers with the
+    teacher's embeddings, distilled from the converted model."""
+    stage_dir = ctx.workdir / "6-draft"
+    if is_done(stage_dir):
+        return read_result(stage_dir)
+    settings = ctx.recipe["draft"]
+    n = min(settings["num_layers"], ctx.num_layers)
+    layer_map = sorted({round(i * (ctx.num_layers - 1) / max(1, n - 1)) for i in range(n)})
+    config = ctx.config(["attn"] * len(layer_map))
+    model = build_student(config, ctx.teacher_tensors, "jet", (), layer_map=layer_map, seed=ctx.rt.seed)
+    model.to(ctx.rt.device)
+    set_trainable(model, "all")
+    target = load_saved_model(ctx.workdir / "5-final" / "model.pt", ctx.rt.device)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    losses = ctx.train("draft", stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
+                       settings["steps"], settings["lr"],
+                       teacher_logits=lambda ids: target(input_ids=ids).logits.float())
+    metrics = evaluate(ctx, model_logits(model))
+    acceptance = draft_agreement(model, target, ctx)
+    if ctx.rt.is_main:
+        save_atomic({"config": config.to_dict(), "state_dict": {k: t.cpu() for k, t in model.state_dict().items()}},
+                    stage_dir / "model.pt")
+    return finish(ctx, stage_dir, {"layer_map": layer_map, **metrics, "top1_agreement": acceptance,
+                                   "losses": losses})
+
+
+@torch.no_grad()
+def draft_agreement(draft: nn.Module, target: nn.Module, ctx: Context) -> float:
+    """Share of validation positions where the draft's greedy token equals the target's
+    (the per-token acceptance rate of greedy speculative decoding, to first order)."""
+    same, count = 0, 0
+    for ids in ctx.val_batches:
+        ids = ids.to(ctx.rt.device)
+        same += int((draft(input_ids=ids).logits.argmax(-1) == target(input_ids=ids).logits.argmax(-1)).sum())
+        count += ids.numel()
+    return same / count

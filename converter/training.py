@@ -1,0 +1,224 @@
+"""The training loop every stage uses, and the evaluations of the searches.
+
+`run_training` is a nanoGPT-style loop: the checkpoint is one dict (trainable weights,
+optimiser, step, RNG state, losses, settings) written atomically every `save_every`
+steps; re-running continues from it and, because each batch and each random choice is a
+function of (seed, stage, step, rank), ends with the same weights as an uninterrupted run.
+Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on
+CPU, NCCL on GPU) and each process takes its share of the batch; rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data import RetrievalSet, UserEvalSet, train_batch
+
+log = logging.getLogger("jet_nemotron_convert")
+
+
+class StoppedEarly(Exception):
+    """Raised after the checkpoint is saved when `--stop-after` steps have run."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    stop_after: int | None = None  # optimiser steps this invocation may run (tests of resume)
+    steps_run: int = field(default=0)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def setup_runtime(device: str, seed: int, stop_after: int | None = None) -> Runtime:
+    """Pick the device and join the process group when started by torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and world_size > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(device=dev, seed=seed, rank=rank, world_size=world_size, stop_after=stop_after)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of `lr`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def run_training(
+    name: str,
+    stage_dir: Path,
+    model: nn.Module,
+    student_logits: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    tokens: torch.Tensor,
+    rt: Runtime,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seq_len: int,
+    save_every: int,
+    warmup: int = 10,
+) -> list[float]:
+    """Distil `model` (its parameters with requires_grad) towards `teacher_logits` for
+    `steps` AdamW steps; resumes from `stage_dir/checkpoint.pt`. `student_logits(module,
+    input_ids, step)` runs the student (the DDP wrapper under torchrun). Returns the
+    per-step losses (averaged over processes)."""
+    from tqdm import tqdm
+
+    from .students import kl_distillation_loss
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_file = stage_dir / "checkpoint.pt"
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start, losses = 0, []
+    if checkpoint_file.is_file():
+        state = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for n, t in state["model"].items():
+                trainable[n].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
+        start, losses = state["step"], state["losses"]
+        torch.set_rng_state(state["rng"])
+        if start < steps:
+            log.info("%s: resuming at step %d of %d", name, start, steps)
+    module = model
+    if rt.world_size > 1:
+        module = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    per_rank = max(1, batch_size // rt.world_size)
+
+    def save(step: int) -> None:
+        if rt.is_main:
+            save_atomic({"model": {n: p.detach().cpu() for n, p in trainable.items()},
+                         "optimizer": optimizer.state_dict(), "step": step, "losses": losses,
+                         "rng": torch.get_rng_state(),
+                         "settings": {"steps": steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len}},
+                        checkpoint_file)
+        rt.barrier()
+
+    bar = tqdm(total=steps, initial=start, desc=name, disable=not rt.is_main or start >= steps,
+               dynamic_ncols=True, mininterval=1.0)
+    log_file = stage_dir / "log.jsonl"
+    model.train()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        ids = train_batch(tokens, per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
+        with torch.no_grad():
+            target = teacher_logits(ids)
+        loss = kl_distillation_loss(student_logits(module, ids, step), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        optimizer.step()
+        value = loss.detach()
+        if rt.world_size > 1:
+            dist.all_reduce(value)
+            value /= rt.world_size
+        losses.append(float(value))
+        speed = per_rank * rt.world_size * seq_len / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{speed:.0f}")
+        bar.update(1)
+        if rt.is_main:
+            with log_file.open("a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": group["lr"],
+                                    "tokens_per_s": round(speed, 1)}) + "\n")
+        rt.steps_run += 1
+        done = step + 1
+        if done % save_every == 0 or done == steps:
+            save(done)
+        if rt.stop_after is not None and rt.steps_run >= rt.stop_after and done < steps:
+            save(done)
+            bar.close()
+            raise StoppedEarly(f"stopped after {rt.steps_run} steps (--stop-after) in stage {name} "
+                               f"at step {done}/{steps}; re-run the same command to continue")
+    bar.close()
+    model.eval()
+    return losses
+
+
+# ----- evaluations (no gradients; identical on every process) ----------------------------
+
+@torch.no_grad()
+def lm_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
+            device: torch.device) -> float:
+    """Mean next-token cross-entropy over the batches."""
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        logits = logits_fn(ids)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+        total += float(loss)
+        count += ids[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def retrieval_accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], data: RetrievalSet,
+                       device: torch.device, batch_size: int = 8) -> float:
+    """Share of value tokens predicted exactly (greedy, teacher-forced)."""
+    correct, count = 0, 0
+    for ids, positions in zip(data.input_ids.split(batch_size), data.value_positions.split(batch_size)):
+        ids = ids.to(device)
+        logits = logits_fn(ids)
+        predicted = logits.argmax(-1).gather(1, (positions - 1).to(device))  # [B, value_len]
+        correct += int((predicted == ids.gather(1, positions.to(device))).sum())
+        count += positions.numel()
+    return correct / max(1, count)
+
+
+@torch.no_grad()
+def answer_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], data: UserEvalSet,
+                device: torch.device) -> float:
+    """Mean cross-entropy of the answer tokens given the prompt."""
+    total, count = 0.0, 0
+    for ids, prompt_len in data.examples:
+        ids = ids.to(device)[None]
+        logits = logits_fn(ids)
+        targets = ids[0, prompt_len:]
+        total += float(F.cross_entropy(logits[0, prompt_len - 1:-1].float(), targets, reduction="sum"))
+        count += targets.numel()
+    return total / max(1, count)
