@@ -29,6 +29,12 @@ from .training import StoppedEarly, setup_runtime
 
 log = logging.getLogger("jet_nemotron_convert")
 
+STAGES = ("supernet", "placement", "blocks", "hardware", "final", "baselines", "draft")
+
+
+class StoppedAtStage(Exception):
+    """`--until STAGE` reached."""
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jet-nemotron-convert", description=__doc__,
@@ -47,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"optimiser steps per stage, stages: {', '.join(STAGE_STEP_KEYS)}")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
+    p.add_argument("--until", choices=STAGES,
+                   help="run the stages up to this one and stop (no export); re-run without it to go on")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after N steps
     return p.parse_args(argv)
 
@@ -105,7 +113,7 @@ def setup_logging(workdir: Path, is_main: bool) -> None:
         log.addHandler(handler)
 
 
-def convert(recipe: dict, stop_after: int | None = None) -> Path:
+def convert(recipe: dict, stop_after: int | None = None, until: str | None = None) -> Path:
     """Run (or resume) every stage, export, return the output folder."""
     from . import stages
     from .export import export
@@ -143,6 +151,8 @@ def convert(recipe: dict, stop_after: int | None = None) -> Path:
         result = fn(ctx)
         timings[name] = round(time.time() - t0, 1)
         log.info("stage %s done (%.1f s)", name, timings[name])
+        if name == until:
+            raise StoppedAtStage(f"stopped after stage {name} (--until); results in {workdir}")
         return result
 
     teacher_metrics = timed("teacher", stages.teacher_reference)
@@ -186,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file_values = read_recipe_file(args.recipe) if args.recipe else {}
         recipe = build_recipe(file_values, overrides_from_args(args))
-        out = convert(recipe, args.stop_after)
+        out = convert(recipe, args.stop_after, args.until)
+    except StoppedAtStage as stop:
+        print(f"jet-nemotron-convert: {stop}", file=sys.stderr)
+        return 0
     except StoppedEarly as stop:
         print(f"jet-nemotron-convert: {stop}", file=sys.stderr)
         return 3

@@ -127,9 +127,9 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            log.write(json.dumps({"step": step + 1, "loss": float(loss), "seconds": round(time.time() - started, 1)}) + "\n")
+            log.write(json.dumps({"step": step + 1, "loss": float(loss.detach()), "seconds": round(time.time() - started, 1)}) + "\n")
             if (step + 1) % 20 == 0 or step == 0:
-                print(f"teacher step {step + 1}/{steps} loss {float(loss):.3f} "
+                print(f"teacher step {step + 1}/{steps} loss {float(loss.detach()):.3f} "
                       f"({time.time() - started:.0f} s)", flush=True)
         log.close()
         model.eval()

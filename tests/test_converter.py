@@ -1,0 +1,179 @@
+"""The PostNAS converter end to end on a tiny Qwen2 teacher (byte-level BPE tokenizer and
+a few training steps on standard-library source, seconds): every stage, the export
+loading in vLLM with greedy output equal to the reference model's, the draft with its
+`speculative_config.json`, exact resume after a simulated kill, a 2-process torchrun
+stage, and the messages for bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import as_inputs, greedy, running_llm, token_ids
+from vllm_jetnemotron.config import JetNemotronConfig
+from vllm_jetnemotron.converter import cli, demo_teacher
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-test.yaml"
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> tuple[str, str]:
+    """(teacher folder, corpus folder): hidden 64, 4 layers, 2 heads of 64... head_dim 32
+    (vLLM's CPU attention needs >= 32), vocabulary 512, 10 training steps."""
+    root = tmp_path_factory.mktemp("teacher")
+    corpus = demo_teacher.write_corpus(root / "corpus", max_chars=400_000)
+    path = demo_teacher.pretrain(root / "teacher", corpus, vocab_size=512, hidden=64, layers=4, heads=2,
+                                 kv_heads=1, intermediate=128, steps=10, batch_size=8, seq_len=64, lr=3e-3,
+                                 seed=0, max_tokens=20_000_000)
+    return str(path), str(corpus.parent)
+
+
+def convert_args(teacher, workdir, out, *extra) -> list[str]:
+    return [str(RECIPE), "--teacher", teacher[0], "--data", teacher[1], "--workdir", str(workdir),
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def converted(teacher, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("converted")
+    assert cli.main(convert_args(teacher, root / "work", root / "out")) == 0
+    return root / "out"
+
+
+def test_every_stage_and_the_report(converted):
+    work = converted.parent / "work"
+    for stage in ("0-teacher", "1-supernet", "2-placement", "3-blocks", "4-hardware", "5-final", "6-draft"):
+        assert (work / stage / "done").is_file(), stage
+    config = JetNemotronConfig.from_pretrained(converted)
+    assert config.layer_types.count("attn") == 1 and config.layer_types.count("swa") == 1
+    assert config.sliding_window_size == 16
+    report = json.loads((converted / "report.json").read_text())
+    assert set(report["blocks"]["candidates"]) == {"jet", "gdn"}
+    assert len(report["hardware"]["candidates"]) == 2
+    assert len(report["placement"]["single_layer"]) == 4
+    assert {"teacher", "converted"} <= set(report["comparison"])
+    for name in ("loss_curves", "placement_scores", "accuracy_vs_throughput"):
+        assert (converted / "plots" / f"{name}.png").stat().st_size > 1000
+    assert "| converted |" in (converted / "report.md").read_text()
+    assert (converted / "tokenizer.json").is_file() and (converted / "draft" / "tokenizer.json").is_file()
+    draft = JetNemotronConfig.from_pretrained(converted / "draft")
+    assert draft.layer_types == ["attn"]
+
+
+@pytest.fixture(scope="module")
+def prompts(teacher):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher[0])
+    texts = ["import os\n", "def main(argv):\n    ", "class Path:\n    def __init__(self, name):\n        self.",
+             "for i in range(10):\n"]
+    return [tokenizer(t)["input_ids"] for t in texts]
+
+
+@pytest.fixture(scope="module")
+def vllm_plain(converted, prompts):
+    with running_llm(str(converted)) as llm:
+        return token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
+
+
+def test_vllm_greedy_equals_reference_model(converted, prompts, vllm_plain):
+    from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+
+    model = JetNemotronForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for prompt, vllm_tokens in zip(prompts, vllm_plain):
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 min_new_tokens=NEW_TOKENS)
+            assert out[0, len(prompt):].tolist() == vllm_tokens
+
+
+def test_draft_speculative_decoding_equals_plain_run(converted, prompts, vllm_plain):
+    speculative_config = json.loads((converted / "speculative_config.json").read_text())
+    assert speculative_config["method"] == "draft_model"
+    assert Path(speculative_config["model"]) == converted / "draft"
+    with running_llm(str(converted), speculative_config=speculative_config) as llm:
+        assert token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS))) == vllm_plain
+
+
+def test_resume_after_kill_gives_the_same_weights(teacher, converted, tmp_path):
+    """Stop every 7 optimiser steps (the checkpoint is saved, the process exits) and
+    re-run the same command until it finishes: weights equal the uninterrupted run's."""
+    args = convert_args(teacher, tmp_path / "work", tmp_path / "out")
+    stops = 0
+    while (code := cli.main(args + ["--stop-after", "7"])) == 3:
+        stops += 1
+        assert not (tmp_path / "out").exists()
+        assert stops < 10
+    assert code == 0 and stops >= 3
+    for name in ("model.safetensors", "draft/model.safetensors"):
+        resumed, reference = load_file(tmp_path / "out" / name), load_file(converted / name)
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), (name, key)
+
+
+def test_torchrun_two_processes_complete_a_stage(teacher, tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "vllm_jetnemotron.converter",
+         *convert_args(teacher, tmp_path / "work", tmp_path / "out"), "--until", "supernet"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "work" / "1-supernet" / "done").is_file()
+    assert "2 process(es)" in (tmp_path / "work" / "convert.log").read_text()
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_teacher(tmp_path, teacher, kind):
+    path = tmp_path / "bad-teacher"
+    shutil.copytree(teacher[0], path)
+    if kind == "no_config":
+        (path / "config.json").unlink()
+    elif kind == "no_weights":
+        (path / "model.safetensors").unlink()
+    elif kind == "architecture":
+        config = json.loads((path / "config.json").read_text())
+        config["architectures"] = ["GPT2LMHeadModel"]
+        (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_config", "has no config.json"),
+    ("no_weights", "has no weights"),
+    ("architecture", "unsupported architecture ['GPT2LMHeadModel']"),
+    ("missing_teacher", "does not exist"),
+    ("budget", "budget asks for 5 attn + 1 swa layers but the teacher"),
+    ("empty_folder", "holds no text files"),
+    ("empty_file", "at least"),
+    ("missing_data", "data path"),
+])
+def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message):
+    teacher_dir, data, extra = teacher[0], teacher[1], []
+    if case in ("no_config", "no_weights", "architecture"):
+        teacher_dir = _bad_teacher(tmp_path, teacher, case)
+    elif case == "missing_teacher":
+        teacher_dir = str(tmp_path / "nowhere")
+    elif case == "budget":
+        extra = ["--attn", "5"]
+    elif case == "empty_folder":
+        data = str(tmp_path / "empty")
+        os.mkdir(data)
+    elif case == "empty_file":
+        data = str(tmp_path / "empty.txt")
+        Path(data).write_text("")
+    elif case == "missing_data":
+        data = str(tmp_path / "missing.txt")
+    out = tmp_path / "out"
+    code = cli.main(convert_args((teacher_dir, data), tmp_path / "work", out, *extra))
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
