@@ -38,3 +38,23 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) models bench/results
+
+# A real PostNAS run on this machine (no downloads): pretrain a small Qwen2 teacher with
+# its own BPE tokenizer on the Python standard library, then convert it. Cached in models/.
+DEMO_TEACHER := models/demo-teacher
+DEMO_MODEL := models/demo-jet-nemotron
+
+.PHONY: demo-model
+demo-model: $(DEMO_MODEL)
+
+$(DEMO_TEACHER): | setup
+	$(PY) -m vllm_jetnemotron.converter.demo_teacher $@ --corpus models/demo-corpus --steps 400 \
+		--hidden 256 --layers 6 --heads 4 --kv-heads 2 --intermediate 512 --vocab-size 2048 \
+		--batch-size 8 --seq-len 256
+
+$(DEMO_MODEL): | setup
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory $(DEMO_TEACHER) && \
+	$(PY) -m vllm_jetnemotron.converter recipes/demo.yaml --teacher $(DEMO_TEACHER) \
+		--data models/demo-corpus --workdir models/demo-work --out $@ && \
+	echo "make demo-model: $$(( $$(date +%s) - start )) s (teacher pretraining + conversion)"
