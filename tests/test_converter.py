@@ -177,3 +177,16 @@ def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_all_attention_student_equals_the_teacher(teacher):
+    """The weight mapping is exact: a student with every layer `attn` is the teacher."""
+    from vllm_jetnemotron.converter.students import build_student
+    from vllm_jetnemotron.converter.teacher import check_teacher, load_teacher, student_config, teacher_state_dict
+
+    config = check_teacher(teacher[0])
+    hf = load_teacher(teacher[0], torch.device("cpu"))
+    student = build_student(student_config(config, ["attn"] * 4, {}, 16), teacher_state_dict(hf)).eval()
+    ids = torch.randint(0, config["vocab_size"], (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
