@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vllm_jetnemotron.config import JetNemotronConfig
 
@@ -205,6 +206,7 @@ def stage_placement(ctx: Context) -> dict:
     net.eval()
     cache_file = stage_dir / "evaluations.json"
     evaluations = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    bar = tqdm(desc="placement", unit="layout", disable=not ctx.rt.is_main, dynamic_ncols=True)
 
     def evaluate_layout(types: tuple[str, ...]) -> float:
         key = ",".join(types)
@@ -213,6 +215,9 @@ def stage_placement(ctx: Context) -> dict:
             evaluations[key] = {**metrics, "score": score(ctx, metrics)}
             if ctx.rt.is_main:
                 write_json_atomic(evaluations, cache_file)  # resumable between layouts
+            bar.update(1)
+            bar.set_postfix(best=f"{max(e['score'] for e in evaluations.values()):.4f}",
+                            val_loss=f"{metrics['val_loss']:.4f}")
         return evaluations[key]["score"]
 
     budget, width = ctx.recipe["budget"], ctx.recipe["placement"]["beam_width"]
@@ -224,6 +229,7 @@ def stage_placement(ctx: Context) -> dict:
         steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
         beam = ranked[:width]
     best = list(beam[0])
+    bar.close()
     single = []  # per-layer scores: one layer kept as attention, all others JetBlocks
     for i in range(ctx.num_layers):
         t = tuple("attn" if j == i else "jet" for j in range(ctx.num_layers))
