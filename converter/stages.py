@@ -130,10 +130,12 @@ def uniform_layer_types(num_layers: int, attn: int, swa: int) -> list[str]:
 
 
 def jet_sources(ctx: Context) -> list[dict[str, torch.Tensor]]:
-    """Trained JetBlock weights from earlier stages, most specific first (hardware choice,
-    block choice, super-network); `build_student` takes the first that fits a layer."""
+    """Trained JetBlock weights from earlier stages, longest-trained first: the chosen
+    block (super-network + stage 3, base dims), the hardware choice (stage 4 only, used
+    when its dims differ from the base), the super-network; `build_student` takes the
+    first that fits a layer."""
     sources = []
-    for path in (ctx.workdir / "4-hardware" / "chosen_jet_blocks.pt", ctx.workdir / "3-blocks" / "chosen_jet_blocks.pt",
+    for path in (ctx.workdir / "3-blocks" / "chosen_jet_blocks.pt", ctx.workdir / "4-hardware" / "chosen_jet_blocks.pt",
                  ctx.workdir / "1-supernet" / "jet_blocks.pt"):
         if path.is_file():
             sources.append(torch.load(path, map_location="cpu"))
