@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import openai
@@ -226,3 +227,14 @@ def test_short_names_resolve_to_official_repositories():
     assert resolve_short_name(["serve", "jet-nemotron-4b", "--served-model-name", "x"]) == [
         "serve", "jet-ai/Jet-Nemotron-4B", "--served-model-name", "x"]
     assert resolve_short_name(["serve", "/models/local"]) == ["serve", "/models/local"]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("example", ["openai_chat.py", "streaming.py"])
+def test_client_examples_run_against_the_server(server, example):
+    result = subprocess.run([sys.executable, str(EXAMPLES / example), "--base-url", f"{server}/v1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
