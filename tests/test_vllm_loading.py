@@ -98,3 +98,16 @@ def assert_engine_error_mentions(error, capfd, text):
     assert "initialization failed" in str(error.value)
     logs = capfd.readouterr()
     assert text in logs.out + logs.err
+
+
+def test_checkpoint_without_jetblocks_serves(tmp_path):
+    """An all-`attn` Jet-Nemotron (e.g. a converter's draft model) runs: the plugin turns
+    off prefix caching, whose hybrid mode needs recurrent layers."""
+    from vllm_jetnemotron.converter.random_checkpoint import preset_config, write_random_checkpoint
+
+    path = write_random_checkpoint(tmp_path / "attn-only", preset_config(
+        "tiny", num_hidden_layers=2, layer_types=["attn", "attn"]), dtype=torch.float32)
+    with running_llm(str(path)) as llm:
+        assert not llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        (out,) = llm.generate(as_inputs(random_prompts([5])), greedy(4))
+    assert len(out.outputs[0].token_ids) == 4

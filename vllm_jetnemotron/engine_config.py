@@ -11,15 +11,22 @@ logger = init_logger(__name__)
 class JetNemotronEngineConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        """On CPU, speculative decoding with prefix caching crashes inside vLLM: its
-        "align" cache mode migrates hybrid states between blocks with a Triton kernel
-        (`precopy_mamba_align_fused_kernel`, v1/worker/mamba_utils.py) that has no CPU
-        version. Turn prefix caching off in that case, and say so."""
+        """Turn prefix caching off, and say so, where vLLM's hybrid "align" cache mode
+        cannot run:
+        * on CPU with speculative decoding: it migrates hybrid states between blocks with
+          a Triton kernel (`precopy_mamba_align_fused_kernel`, v1/worker/mamba_utils.py)
+          that has no CPU version;
+        * for a checkpoint without JetBlocks (e.g. an all-`attn` draft model): the mode
+          asserts that the model has recurrent layers."""
         cache_config = vllm_config.cache_config
-        if (current_platform.is_cpu() and vllm_config.speculative_config is not None
-                and cache_config.enable_prefix_caching):
-            logger.warning(
-                "Jet-Nemotron on CPU: prefix caching is turned off because speculative "
-                "decoding is on (vLLM's hybrid-state block copy for that case is a Triton "
-                "kernel with no CPU version).")
+        if not cache_config.enable_prefix_caching:
+            return
+        reason = None
+        if "jet" not in vllm_config.model_config.hf_config.layer_types:
+            reason = "the checkpoint has no JetBlock ('jet') layers"
+        elif current_platform.is_cpu() and vllm_config.speculative_config is not None:
+            reason = ("speculative decoding is on and vLLM's hybrid-state block copy for that "
+                      "case is a Triton kernel with no CPU version")
+        if reason is not None:
+            logger.warning("Jet-Nemotron: prefix caching is turned off because %s.", reason)
             cache_config.enable_prefix_caching = False
