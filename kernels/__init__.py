@@ -16,13 +16,13 @@ import importlib
 from .dynamic_conv import (
     dynamic_causal_conv,
     dynamic_causal_conv_naive,
+    dynamic_causal_conv_spec_decode,
     dynamic_causal_conv_step,
 )
 from .gated_delta_rule import (
     chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_from_gates,
-    fused_recurrent_gated_delta_rule_spec_decode,
     gated_delta_rule_gates,
     naive_recurrent_gated_delta_rule,
 )
@@ -47,10 +47,10 @@ __all__ = [
     "dynamic_causal_conv",
     "dynamic_causal_conv_autograd",
     "dynamic_causal_conv_naive",
+    "dynamic_causal_conv_spec_decode",
     "dynamic_causal_conv_step",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_from_gates",
-    "fused_recurrent_gated_delta_rule_spec_decode",
     "gated_delta_rule_gates",
     "gated_rmsnorm",
     "gated_rmsnorm_naive",

@@ -7,7 +7,7 @@ import torch
 
 from .dynamic_conv import cpu as _conv_cpu
 from .gated_delta_rule import chunk as _chunk_cpu
-from .gated_delta_rule import fused_recurrent_spec_decode as _recurrent_cpu
+from .gated_delta_rule import fused_recurrent as _recurrent_cpu
 from .gated_rmsnorm import naive as _norm_cpu
 
 
@@ -50,13 +50,12 @@ def fused_recurrent_gated_delta_rule(
     use_qk_l2norm: bool = True,
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode steps, states updated in place; see
-    `gated_delta_rule.fused_recurrent.fused_recurrent_gated_delta_rule` and, for
-    `num_accepted_tokens`, `gated_delta_rule.fused_recurrent_spec_decode`."""
+    """Decode steps (speculative ones with `num_accepted_tokens`), states updated in
+    place; see `gated_delta_rule.fused_recurrent.fused_recurrent_gated_delta_rule`."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule as impl
     else:
-        impl = _recurrent_cpu.fused_recurrent_gated_delta_rule_spec_decode
+        impl = _recurrent_cpu.fused_recurrent_gated_delta_rule
     return impl(q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm, num_accepted_tokens)
 
 
@@ -75,7 +74,7 @@ def fused_recurrent_gated_delta_rule_from_gates(
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode steps from the raw gate projections (g and beta computed inside); see
-    `gated_delta_rule.fused_recurrent_spec_decode.fused_recurrent_gated_delta_rule_from_gates`."""
+    `gated_delta_rule.fused_recurrent.fused_recurrent_gated_delta_rule_from_gates`."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule_from_gates as impl
     else:
@@ -114,6 +113,21 @@ def dynamic_causal_conv_step(
     return impl(x, kernels, state_pool, state_indices)
 
 
+def dynamic_causal_conv_spec_decode(
+    x: torch.Tensor,
+    kernels: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Speculative-decoding step with wide conv histories; see
+    `dynamic_conv.cpu.dynamic_causal_conv_spec_decode`. There is no Triton kernel for it:
+    the PyTorch implementation runs on every device."""
+    return _conv_cpu.dynamic_causal_conv_spec_decode(x, kernels, cu_seqlens, state_pool, state_indices,
+                                                     num_accepted_tokens)
+
+
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rmsnorm(x) * weight * silu(z) over the last dim; see `gated_rmsnorm.naive.gated_rmsnorm_naive`."""
     if _on_gpu(x):
@@ -126,6 +140,7 @@ def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: f
 __all__ = [
     "chunk_gated_delta_rule",
     "dynamic_causal_conv",
+    "dynamic_causal_conv_spec_decode",
     "dynamic_causal_conv_step",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_from_gates",

@@ -120,3 +120,74 @@ def test_gated_rmsnorm_definition():
     expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w * z * torch.sigmoid(z)
     torch.testing.assert_close(gated_rmsnorm_naive(x, z, w, 1e-5), expected)
     torch.testing.assert_close(gated_rmsnorm(x, z, w, 1e-5), expected)
+
+
+def test_chunked_prefill_waves_and_unequal_lengths(monkeypatch):
+    # Small waves: several chunk positions per wave, sequences finishing in different
+    # waves (one empty), a partial last chunk; longest-first order inside the kernel.
+    from vllm_jetnemotron.kernels.gated_delta_rule import chunk
+
+    monkeypatch.setattr(chunk, "_WAVE_TOKENS", 96)
+    lengths, H, K, V, C = [17, 0, 100, 1, 64, 33], 2, 16, 32, 16
+    q, k, v, g, beta = gdr_inputs(sum(lengths), H, K, V, torch.float32, seed=3)
+    pool = torch.randn(9, H, K, V)
+    initial = pool.clone()
+    indices = torch.tensor([8, 0, 3, 5, 1, 6])
+    has_state = torch.tensor([True, True, False, True, False, True])
+    cu = cu_seqlens(lengths)
+    out = chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, indices, has_state, chunk_size=C)
+    for i, slot in enumerate(indices.tolist()):
+        s, e = cu[i], cu[i + 1]
+        ref_out, ref_state = naive_recurrent_gated_delta_rule(
+            q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
+            initial_state=initial[slot][None] if has_state[i] else None, output_final_state=True)
+        torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(pool[slot], ref_state[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tokens_per_seq", [1, 3])
+def test_recurrent_decode_in_several_blocks(monkeypatch, tokens_per_seq):
+    # one sequence's state per block (as for the 2B heads), per-token slots when L > 1
+    from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent
+
+    N, H, K, V, L = 3, 2, 16, 32, tokens_per_seq
+    monkeypatch.setattr(fused_recurrent, "_BLOCK_BYTES", 4 * H * K * V)
+    q, k, v, g, beta = (x.view(N, L, *x.shape[1:]) for x in gdr_inputs(N * L, H, K, V, torch.float32, seed=4))
+    pool = torch.randn(12, H, K, V)
+    initial = pool.clone()
+    slots = torch.tensor([[7, 2, 9], [0, 4, 5], [11, 1, 3]])[:, :L] if L > 1 else torch.tensor([7, 0, 11])
+    out = fused_recurrent_gated_delta_rule(q, k, v, g, beta, pool, slots)
+    read = slots[:, 0] if L > 1 else slots
+    ref_out, ref_state = naive_recurrent_gated_delta_rule(
+        q, k, v, g, beta, initial_state=initial[read], output_final_state=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pool[slots[:, -1] if L > 1 else slots], ref_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_conv_prefill_in_blocks(monkeypatch, dtype):
+    # 5-token blocks across sequence boundaries; sequences shorter than W - 1 and empty
+    from vllm_jetnemotron.kernels.dynamic_conv import cpu
+
+    D, W = 8, 4
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", 5 * 4 * D * W)
+    lengths = [2, 0, 13, 1, 7]
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(sum(lengths), D, generator=gen).to(dtype)
+    kernels = torch.randn(sum(lengths), D, W, generator=gen).to(dtype)
+    pool = torch.randn(6, W - 1, D, generator=gen)
+    initial = pool.clone()
+    indices = torch.tensor([4, 5, 1, 2, 0])
+    has_state = torch.tensor([True, True, False, True, True])
+    cu = cu_seqlens(lengths)
+    out = dynamic_causal_conv(x, kernels, cu, pool, indices, has_state)
+    for i, slot in enumerate(indices.tolist()):
+        s, e = cu[i], cu[i + 1]
+        history = initial[slot] if has_state[i] else torch.zeros(W - 1, D)
+        if e == s:  # nothing to convolve: the state is kept
+            torch.testing.assert_close(pool[slot], history.to(dtype).float())
+            continue
+        ref_out, ref_state = dynamic_causal_conv_naive(x[None, s:e], kernels[None, s:e], history[None])
+        torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pool[slot], ref_state[0].float())
+

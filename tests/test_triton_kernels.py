@@ -37,7 +37,7 @@ from vllm_jetnemotron.kernels.dynamic_conv import cpu as conv_cpu  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv import triton_conv, triton_conv_autograd  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive  # noqa: E402
 from vllm_jetnemotron.kernels.gated_delta_rule import chunk as chunk_cpu  # noqa: E402
-from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent_spec_decode as recurrent_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent as recurrent_cpu  # noqa: E402
 from vllm_jetnemotron.kernels.gated_delta_rule import (  # noqa: E402
     triton_chunk,
     triton_chunk_autograd,
@@ -224,7 +224,7 @@ def naive_per_token_states(q, k, v, g, beta, initial_state):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_recurrent_spec_decode_matches_naive(dtype, accepted):
     # [N, L] slots: read from [:, 0] (or the last accepted token's slot), state after
-    # token j written to [:, j]; Triton and the new PyTorch reference against naive.
+    # token j written to [:, j]; Triton and the PyTorch decode step against naive.
     gen = torch.Generator().manual_seed(11 + accepted)
     N, L, K, V = 3, 4, 16, 32
     q, k, v, g, beta = gdn_inputs((N, L), K, V, dtype, gen)
@@ -234,7 +234,7 @@ def test_fused_recurrent_spec_decode_matches_naive(dtype, accepted):
     pool = state_pool(N * L + 3, K, V, dtype, gen)
     o_ref, states_ref = naive_per_token_states(q, k, v, g, beta, pool[read])
     for name, impl in [("triton", triton_recurrent.fused_recurrent_gated_delta_rule),
-                       ("reference", recurrent_cpu.fused_recurrent_gated_delta_rule_spec_decode)]:
+                       ("reference", recurrent_cpu.fused_recurrent_gated_delta_rule)]:
         p = pool.clone()
         o = impl(q, k, v, g, beta, p, slots, num_accepted_tokens=num_accepted)
         assert_close(o, o_ref, dtype, f"{name} o")
@@ -487,8 +487,7 @@ def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
     p1, p2 = pool.clone(), pool.clone()
     assert torch.equal(
         dispatch.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p1, token_slots, num_accepted_tokens=n_acc),
-        recurrent_cpu.fused_recurrent_gated_delta_rule_spec_decode(q4, k4, v4, g4, b4, p2, token_slots,
-                                                                   num_accepted_tokens=n_acc))
+        recurrent_cpu.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p2, token_slots, num_accepted_tokens=n_acc))
     assert torch.equal(p1, p2)
 
     x, kernels = torch.randn(9, D, generator=gen), torch.randn(9, D, W, generator=gen)

@@ -9,7 +9,7 @@ on first use: through `kernels.dispatch`, or by name here.
 
 import importlib
 
-from .cpu import dynamic_causal_conv, dynamic_causal_conv_step
+from .cpu import dynamic_causal_conv, dynamic_causal_conv_spec_decode, dynamic_causal_conv_step
 from .naive import dynamic_causal_conv_naive
 
 # name -> module, imported on first access (keeps triton optional on CPU installs)
@@ -26,5 +26,6 @@ __all__ = [
     "dynamic_causal_conv",
     "dynamic_causal_conv_autograd",
     "dynamic_causal_conv_naive",
+    "dynamic_causal_conv_spec_decode",
     "dynamic_causal_conv_step",
 ]

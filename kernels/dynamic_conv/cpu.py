@@ -5,6 +5,24 @@ import torch
 import torch.nn.functional as F
 
 
+# Bytes of filters per block of the prefill (float32): the block's filters and
+# accumulator stay in the CPU's L2 cache while the W taps are added.
+_BLOCK_BYTES = 3 << 19
+_EXACT_PRODUCT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _multiply_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> None:
+    """acc += a * b in float32 with the definition's rounding: each product rounded, then
+    added. Products of bf16/fp16 operands are exact in float32, so a fused multiply-add is
+    the same there; float32 products go through `scratch` (same shape as acc)."""
+    if a.dtype in _EXACT_PRODUCT_DTYPES and b.dtype in _EXACT_PRODUCT_DTYPES:
+        acc.addcmul_(a, b)  # in-place on float32: operands widened, computed in float32
+    elif a.dtype == b.dtype == torch.float32:
+        acc.add_(torch.mul(a, b, out=scratch))
+    else:
+        acc.add_(scratch.copy_(a).mul_(b))
+
+
 def dynamic_causal_conv(
     x: torch.Tensor,
     kernels: torch.Tensor,
@@ -22,18 +40,67 @@ def dynamic_causal_conv(
             its last W - 1 inputs are written back there.
     Returns:
         out `[T, D]` (SiLU applied) in x's dtype.
+
+    The packed tokens are convolved as one sequence, tap by tap (W shifted multiply-adds
+    on contiguous `[T, D]` rows, float32 accumulation), block by block; then the first
+    W - 1 tokens of every sequence, whose windows reach into the history, are recomputed
+    from the sequence's own history.
     """
+    T, D = x.shape
     W = kernels.shape[-1]
     out = torch.empty_like(x)
-    bounds = cu_seqlens.tolist()
-    has_state = has_initial_state.tolist()
-    for i, slot in enumerate(state_indices.tolist()):
-        start, end = bounds[i], bounds[i + 1]
-        history = state_pool[slot].to(x.dtype) if has_state[i] else x.new_zeros(W - 1, x.shape[1])
-        padded = torch.cat([history, x[start:end]])  # [W - 1 + L, D]
-        windows = padded.unfold(0, W, 1)  # [L, D, W]
-        out[start:end] = F.silu(torch.einsum("ldw,ldw->ld", windows.float(), kernels[start:end].float())).to(x.dtype)
-        state_pool[slot] = padded[padded.shape[0] - (W - 1):].to(state_pool.dtype)
+    accumulate_in_out = out.dtype == torch.float32
+    block = max(1, _BLOCK_BYTES // (4 * D * W))
+    scratch = x.new_empty(min(block, T), D, dtype=torch.float32)
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        # acc[t] = sum_w kernels[t, :, w] * x[t - (W - 1) + w] over the taps inside the batch
+        acc = out[start:end] if accumulate_in_out else x.new_empty(end - start, D, dtype=torch.float32)
+        acc.zero_()
+        for w in range(W):
+            shift = W - 1 - w
+            lo = max(start, shift)
+            _multiply_add(acc[lo - start:], kernels[lo:end, :, w], x[lo - shift: end - shift],
+                          scratch[lo - start: end - start])
+        F.silu(acc, inplace=True)
+        if not accumulate_in_out:
+            out[start:end] = acc
+
+    num_seqs = cu_seqlens.numel() - 1
+    if num_seqs == 0 or W == 1:  # W = 1: no history to read or keep
+        return out
+    starts = cu_seqlens[:-1].to(device=x.device, dtype=torch.long)
+    lengths = cu_seqlens[1:].to(device=x.device, dtype=torch.long) - starts
+    slots = state_indices.to(device=x.device, dtype=torch.long)
+    has_state = has_initial_state.to(device=x.device, dtype=torch.bool)
+    history = torch.where(has_state[:, None, None], state_pool[slots].to(x.dtype), 0.0)  # [B, W - 1, D]
+
+    def inputs_at(positions: torch.Tensor) -> torch.Tensor:
+        """Inputs at sequence-relative positions `[B, n]` (>= -(W - 1); negative: history)
+        as `[B, n, D]`."""
+        n = positions.shape[1]
+        in_x = (starts[:, None] + positions).clamp(0, max(T - 1, 0))
+        from_x = x.index_select(0, in_x.flatten()).view(num_seqs, n, D) if T > 0 else x.new_zeros(num_seqs, n, D)
+        # history row of position p < 0: W - 1 + p
+        in_history = (positions + (W - 1)).clamp(0, W - 2)
+        from_history = history.gather(1, in_history[:, :, None].expand(-1, -1, D))
+        return torch.where((positions >= 0)[:, :, None], from_x, from_history)
+
+    # Heads: token j < W - 1 of each sequence, window positions j - (W - 1) + w.
+    j = torch.arange(W - 1, device=x.device)
+    window_positions = (j[:, None] - (W - 1) + torch.arange(W, device=x.device)).flatten()  # [(W - 1) * W]
+    windows = inputs_at(window_positions.expand(num_seqs, -1)).view(num_seqs, W - 1, W, D)
+    head_rows = starts[:, None] + j  # [B, W - 1]
+    in_sequence = j < lengths[:, None]
+    head_rows, windows = head_rows[in_sequence], windows[in_sequence]  # [R], [R, W, D]
+    head_kernels = kernels.index_select(0, head_rows)  # [R, D, W]
+    # [R, W, D] -> [R, D, W]
+    head = (windows.transpose(1, 2).float() * head_kernels.float()).sum(-1)
+    out[head_rows] = F.silu(head).to(out.dtype)
+
+    # New states: the last W - 1 inputs of each sequence (history rows when it is shorter).
+    tail_positions = lengths[:, None] - (W - 1) + j  # [B, W - 1]
+    state_pool[slots] = inputs_at(tail_positions).to(state_pool.dtype)
     return out
 
 

@@ -8,10 +8,9 @@ import triton, so they load on first use: through `kernels.dispatch`, or by name
 import importlib
 
 from .chunk import chunk_gated_delta_rule
-from .fused_recurrent import fused_recurrent_gated_delta_rule
-from .fused_recurrent_spec_decode import (
+from .fused_recurrent import (
+    fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_from_gates,
-    fused_recurrent_gated_delta_rule_spec_decode,
     gated_delta_rule_gates,
 )
 from .naive import naive_recurrent_gated_delta_rule
@@ -31,7 +30,6 @@ __all__ = [
     "chunk_gated_delta_rule_autograd",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_from_gates",
-    "fused_recurrent_gated_delta_rule_spec_decode",
     "gated_delta_rule_gates",
     "naive_recurrent_gated_delta_rule",
 ]

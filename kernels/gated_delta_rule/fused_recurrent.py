@@ -1,9 +1,30 @@
 """Recurrent gated delta rule for decode on the CPU: a few tokens per sequence, states
-updated in place in the pool, batched over sequences."""
+updated in place in the pool, batched over sequences.
+
+Also the JetBlock's gating (`gated_delta_rule_gates`) and the decode step taking the raw
+gate projections (`fused_recurrent_gated_delta_rule_from_gates`), the reference of the
+Triton kernel's variant that computes the gates inside."""
 
 import torch
+import torch.nn.functional as F
 
 from .naive import l2_normalize
+
+# Bytes of float32 states updated together: a block of sequences whose states stay in the
+# CPU's L2 cache between the steps of one token (gather, products, decay, write, scatter).
+_BLOCK_BYTES = 3 << 19
+
+
+def gated_delta_rule_gates(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """JetBlock gating: a, b `[..., H]` raw projections, A_log, dt_bias `[H]`.
+    Returns g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b), float32."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.float().sigmoid()
 
 
 def fused_recurrent_gated_delta_rule(
@@ -30,8 +51,14 @@ def fused_recurrent_gated_delta_rule(
             token the previous step accepted (vLLM's speculative-decoding layout).
     Returns:
         o `[N, L, H, V]` in v's dtype.
+
+    Per token, with d = exp(g) and the state S before it:
+        u = beta (v - d S^T k),  o = d S^T q + (q.k) u,  S <- d S + k u^T
+    (the definition's order of operations, regrouped so that S is read once for both
+    products).
     """
     N, L, H, K = q.shape
+    V = v.shape[-1]
     scale = K**-0.5 if scale is None else scale
     out_dtype = v.dtype
     q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
@@ -39,23 +66,59 @@ def fused_recurrent_gated_delta_rule(
         q, k = l2_normalize(q), l2_normalize(k)
     q = q * scale
     per_token_slots = state_indices.dim() == 2
+    state_indices = state_indices.to(device=q.device, dtype=torch.long)
+    # a negative slot counts from the end of the pool, as in `state_pool[slot]`
+    state_indices = torch.where(state_indices < 0, state_indices + state_pool.shape[0], state_indices)
     if num_accepted_tokens is not None:
         if not per_token_slots:
             raise ValueError("num_accepted_tokens needs per-token state_indices [N, L], "
                              f"got {tuple(state_indices.shape)}")
-        rows = torch.arange(N, device=state_indices.device)
-        read_slots = state_indices[rows, num_accepted_tokens.long() - 1]
+        rows = torch.arange(N, device=q.device)
+        read_slots = state_indices[rows, num_accepted_tokens.to(q.device).long() - 1]
     else:
         read_slots = state_indices[:, 0] if per_token_slots else state_indices
-    S = state_pool[read_slots].float()  # [N, H, K, V]
-    outputs = []
-    for t in range(L):
-        S = S * g[:, t].exp()[..., None, None]
-        v_new = v[:, t] - torch.einsum("nhkv,nhk->nhv", S, k[:, t])
-        S = S + torch.einsum("nhk,nhv->nhkv", k[:, t] * beta[:, t, :, None], v_new)
-        outputs.append(torch.einsum("nhkv,nhk->nhv", S, q[:, t]))
-        if per_token_slots:
-            state_pool[state_indices[:, t]] = S.to(state_pool.dtype)
-    if not per_token_slots:
-        state_pool[state_indices] = S.to(state_pool.dtype)
-    return torch.stack(outputs, dim=1).to(out_dtype)
+    write_slots = state_indices if per_token_slots else state_indices[:, None]  # [N, 1 or >= L]
+
+    decay = g.exp()  # [N, L, H]
+    # [k; q] per token and head, the two vectors S is read against: [N, L, H, 2, K]
+    kq = torch.stack([k, q], dim=-2)
+    qk_dot = (q * k).sum(-1)  # [N, L, H]
+    out = torch.empty(N, L, H, V, dtype=torch.float32, device=q.device)
+    block = max(1, _BLOCK_BYTES // (4 * H * K * V))
+    for n0 in range(0, N, block):
+        n1 = min(n0 + block, N)
+        BH = (n1 - n0) * H
+        # [n, H, K, V] -> [n * H, K, V]
+        S = state_pool.index_select(0, read_slots[n0:n1]).float().view(BH, K, V)
+        for t in range(L):
+            d = decay[n0:n1, t].reshape(BH, 1)
+            proj = torch.bmm(kq[n0:n1, t].reshape(BH, 2, K), S)  # [n * H, 2, V]: S^T k, S^T q
+            u = (v[n0:n1, t].reshape(BH, V) - d * proj[:, 0]).mul_(beta[n0:n1, t].reshape(BH, 1))
+            out[n0:n1, t] = (d * proj[:, 1] + qk_dot[n0:n1, t].reshape(BH, 1) * u).view(n1 - n0, H, V)
+            S.mul_(d[:, :, None]).baddbmm_(k[n0:n1, t].reshape(BH, K, 1), u[:, None])
+            if per_token_slots or t == L - 1:
+                # [n * H, K, V] -> [n, H, K, V]
+                column = t if per_token_slots else 0
+                state_pool.index_copy_(0, write_slots[n0:n1, column], S.view(n1 - n0, H, K, V).to(state_pool.dtype))
+    return out.to(out_dtype)
+
+
+def fused_recurrent_gated_delta_rule_from_gates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    scale: float | None = None,
+    use_qk_l2norm: bool = True,
+    num_accepted_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`fused_recurrent_gated_delta_rule` taking the raw gate projections a, b `[N, L, H]`
+    and A_log, dt_bias `[H]` (see `gated_delta_rule_gates`)."""
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    return fused_recurrent_gated_delta_rule(
+        q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm, num_accepted_tokens)
