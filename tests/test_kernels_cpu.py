@@ -191,3 +191,36 @@ def test_dynamic_conv_prefill_in_blocks(monkeypatch, dtype):
         torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-6, rtol=0)
         torch.testing.assert_close(pool[slot], ref_state[0].float())
 
+
+def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
+    # vLLM's C++ decode op (bf16 activations, float32 pool with a padded slot stride as in
+    # vLLM's hybrid cache pages) against the PyTorch step from the same raw gates; the op
+    # rounds beta and dt_bias to bf16, so states agree to ~1e-2 of their size, not 1e-5.
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
+
+    from vllm_jetnemotron import jet_ops
+
+    N, H, K, V = 4, 3, 96, 256
+    gen = torch.Generator().manual_seed(6)
+    q, k = (torch.nn.functional.silu(torch.randn(N, H, K, generator=gen)).bfloat16() for _ in range(2))
+    v = torch.randn(N, H, V, generator=gen).bfloat16()
+    a, b = (torch.randn(N, H, generator=gen).bfloat16() for _ in range(2))
+    A_log, dt_bias = torch.rand(H, generator=gen).mul(15).add(1).log(), torch.randn(H, generator=gen)
+    pages = torch.randn(7, H * K * V + 64, generator=gen)
+    pool = pages[:, 32: 32 + H * K * V].view(7, H, K, V)  # slot stride > H * K * V
+    slots = torch.tensor([5, 0, 6, 2], dtype=torch.int32)
+    assert jet_ops._cpu_decode_op_applies(q, k, v, a, b, pool, slots)
+    fast_pages, slow_pages = pages.clone(), pages.clone()
+    fast_pool, slow_pool = (p[:, 32: 32 + H * K * V].view(7, H, K, V) for p in (fast_pages, slow_pages))
+    o_fast = jet_ops.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, fast_pool, slots)
+    monkeypatch.setenv(jet_ops.CPU_DECODE_OP_ENV, "0")
+    assert not jet_ops._cpu_decode_op_applies(q, k, v, a, b, pool, slots)
+    o_slow = jet_ops.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, slow_pool, slots)
+    assert o_fast.shape == o_slow.shape == (N, H, V) and o_fast.dtype == torch.bfloat16
+    torch.testing.assert_close(o_fast.float(), o_slow.float(), atol=2e-2, rtol=2e-2)
+    change = (slow_pool - pool).abs().max()
+    assert (fast_pool - slow_pool).abs().max() < 1e-2 * change
+    assert torch.equal(fast_pages[:, :32], pages[:, :32]) and torch.equal(fast_pages[:, 32 + H * K * V:],
+                                                                          pages[:, 32 + H * K * V:])
+    untouched = [1, 3, 4]
+    assert torch.equal(fast_pool[untouched], pool[untouched])

@@ -134,16 +134,15 @@ class JetBlock(nn.Module, MambaBase):
             [self.key_dim, self.key_dim, self.value_dim, self.value_dim, H, H], dim=-1)
         q = F.silu(q).view(T, H, K)
         k = F.silu(k).view(T, H, K)
-        beta = b.float().sigmoid()
-        g = -self.A_log.exp() * F.softplus(a.float() + self.dt_bias)
         bottleneck, _ = self.kernel_w1(hidden_states)
         conv_kernels, _ = self.kernel_w2(F.silu(bottleneck))
         # [T, value_dim * W] -> [T, value_dim, W] (window index fastest)
         conv_kernels = conv_kernels.view(T, self.value_dim, self.conv_size)
 
         core_out = torch.zeros(T, H, V, dtype=hidden_states.dtype, device=hidden_states.device)
+        # the gates g, beta are computed from the raw a, b inside the core (`jet_ops`)
         torch.ops.vllm.jet_block_core(
-            q, k, u, conv_kernels, g, beta, core_out, _encode_layer_name(self.prefix))
+            q, k, u, conv_kernels, a, b, core_out, _encode_layer_name(self.prefix))
         out = jet_ops.gated_rmsnorm(core_out, z.view(T, H, V), self.o_norm_weight, self.norm_eps)
         # [T, H, V] -> [T, H * V]
         out, _ = self.o_proj(out.view(T, H * V))
@@ -155,12 +154,13 @@ class JetBlock(nn.Module, MambaBase):
         k: torch.Tensor,
         u: torch.Tensor,
         conv_kernels: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
         core_out: torch.Tensor,
     ) -> None:
         """Dynamic conv + gated delta rule over this step's tokens (decodes first,
-        then prefills), reading and updating the states of each sequence's slot."""
+        then prefills), reading and updating the states of each sequence's slot.
+        a, b `[T, H]` are the raw gate projections (g and beta in `gated_delta_rule_gates`)."""
         attn_metadata = get_forward_context().attn_metadata
         if not isinstance(attn_metadata, dict) or attn_metadata.get(self.prefix) is None:
             return  # profiling run: no states are bound yet
@@ -169,7 +169,7 @@ class JetBlock(nn.Module, MambaBase):
         conv_state, recurrent_state = self.kv_cache
         if is_conv_state_dim_first():
             conv_state = conv_state.transpose(-1, -2)  # [slots, dim, len] -> [slots, len, dim]
-        inputs = (q, k, u, conv_kernels, g, beta)
+        inputs = (q, k, u, conv_kernels, a, b)
         if meta.spec_sequence_masks is None:
             self._forward_decodes_and_prefills(meta, inputs, core_out, conv_state, recurrent_state)
             return
@@ -190,15 +190,14 @@ class JetBlock(nn.Module, MambaBase):
         slots = meta.non_spec_state_indices_tensor
         num_decodes, num_decode_tokens = meta.num_decodes, meta.num_decode_tokens
         if num_decodes > 0:
-            q, k, u, conv_kernels, g, beta = (x[:num_decode_tokens] for x in inputs)
+            q, k, u, conv_kernels, a, b = (x[:num_decode_tokens] for x in inputs)
             d_slots = slots[:num_decodes]
             history = conv_state[:, : self.conv_size - 1]
             v = jet_ops.dynamic_causal_conv_step(u, conv_kernels, history, d_slots)
-            # one token per sequence: [N, ...] -> [N, 1, ...]
-            o = jet_ops.fused_recurrent_gated_delta_rule(
-                q[:, None], k[:, None], v.view(-1, 1, self.num_heads, self.head_v_dim),
-                g[:, None], beta[:, None], recurrent_state, d_slots)
-            core_out[:num_decode_tokens] = o[:, 0]
+            # [N, H * V] -> [N, H, V]
+            core_out[:num_decode_tokens] = jet_ops.gated_delta_rule_decode(
+                q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
+                recurrent_state, d_slots)
         if meta.num_prefills > 0:
             p = slice(num_decode_tokens, num_decode_tokens + meta.num_prefill_tokens)
             p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
@@ -209,7 +208,8 @@ class JetBlock(nn.Module, MambaBase):
 
     def _forward_prefills(self, inputs, cu_seqlens, slots, has_initial_state, conv_state,
                           recurrent_state) -> torch.Tensor:
-        q, k, u, conv_kernels, g, beta = inputs
+        q, k, u, conv_kernels, a, b = inputs
+        g, beta = jet_ops.gated_delta_rule_gates(a, b, self.A_log, self.dt_bias)
         history = conv_state[:, : self.conv_size - 1]  # prefills keep W - 1 inputs
         v = jet_ops.dynamic_causal_conv(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
         return jet_ops.chunk_gated_delta_rule(
@@ -220,7 +220,7 @@ class JetBlock(nn.Module, MambaBase):
         """Sequences verifying draft tokens: each starts from the states after the token
         the previous step accepted last and keeps a state per draft position, so rejected
         drafts never reach the state the next step resumes from."""
-        q, k, u, conv_kernels, g, beta = inputs
+        q, k, u, conv_kernels, a, b = inputs
         n = meta.num_spec_decodes
         cu_seqlens = meta.spec_query_start_loc[: n + 1]
         slots = meta.spec_state_indices_tensor[:n]  # [N, 1 + num_spec]
@@ -233,9 +233,9 @@ class JetBlock(nn.Module, MambaBase):
         for i in range(n):  # sequences may verify different numbers of drafts
             s, e = bounds[i], bounds[i + 1]
             # [L, ...] -> [1, L, ...]
-            out[s:e] = jet_ops.fused_recurrent_gated_delta_rule(
-                q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
-                recurrent_state, slots[i: i + 1], num_accepted_tokens=accepted[i: i + 1])[0]
+            out[s:e] = jet_ops.fused_recurrent_gated_delta_rule_from_gates(
+                q[None, s:e], k[None, s:e], v[None, s:e], a[None, s:e], b[None, s:e], self.A_log,
+                self.dt_bias, recurrent_state, slots[i: i + 1], num_accepted_tokens=accepted[i: i + 1])[0]
         return out
 
 
@@ -244,13 +244,13 @@ def jet_block_core(
     k: torch.Tensor,
     u: torch.Tensor,
     conv_kernels: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
     core_out: torch.Tensor,
     layer_name: LayerNameType,
 ) -> None:
     layer = get_forward_context().no_compile_layers[_resolve_layer_name(layer_name)]
-    layer._forward_core(q, k, u, conv_kernels, g, beta, core_out)
+    layer._forward_core(q, k, u, conv_kernels, a, b, core_out)
 
 
 direct_register_custom_op(
