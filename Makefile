@@ -48,7 +48,7 @@ DEMO_MODEL := models/demo-jet-nemotron
 demo-model: $(DEMO_MODEL)
 
 $(DEMO_TEACHER): | setup
-	$(PY) -m vllm_jetnemotron.converter.demo_teacher $@ --corpus models/demo-corpus --steps 300 \
+	$(PY) -m vllm_jetnemotron.converter.demo_teacher $@ --corpus models/demo-corpus --steps 1200 \
 		--hidden 128 --layers 6 --heads 4 --kv-heads 2 --intermediate 384 --vocab-size 2048 \
 		--batch-size 8 --seq-len 256
 
