@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-MODEL ?= models/random-small
+# Default: the demo model `make demo-model` builds on first use (about 20 min here).
+MODEL ?= models/demo-jet-nemotron
 PORT ?= 8000
 # On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget.
 SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648 --max-model-len 8192
@@ -30,7 +31,7 @@ test: setup
 models/random-small: | setup
 	$(PY) -m vllm_jetnemotron.converter.random_checkpoint $@ --preset small
 
-serve: setup $(if $(filter models/random-small,$(MODEL)),models/random-small)
+serve: setup $(if $(filter models/%,$(MODEL)),$(MODEL))
 	$(PY) -m vllm_jetnemotron serve $(MODEL) --port $(PORT) $(SERVE_ARGS)
 
 bench: setup
