@@ -27,15 +27,18 @@ def chunk_gated_delta_rule(
     has_initial_state: torch.Tensor,
     scale: float | None = None,
     use_qk_l2norm: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Varlen prefill, states in a pool; see `gated_delta_rule.chunk.chunk_gated_delta_rule`."""
+    """Varlen prefill, states in a pool; see `gated_delta_rule.chunk.chunk_gated_delta_rule`.
+    `chunk_size` None: each implementation's own (Triton 64, CPU 32); the result does not
+    depend on it beyond rounding."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_chunk import chunk_gated_delta_rule as impl
     else:
         impl = _chunk_cpu.chunk_gated_delta_rule
+    chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
     return impl(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state,
-                scale, use_qk_l2norm, chunk_size)
+                scale, use_qk_l2norm, **chunking)
 
 
 def fused_recurrent_gated_delta_rule(

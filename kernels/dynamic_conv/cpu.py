@@ -8,19 +8,8 @@ import torch.nn.functional as F
 # Bytes of filters per block of the prefill (float32): the block's filters and
 # accumulator stay in the CPU's L2 cache while the W taps are added.
 _BLOCK_BYTES = 3 << 19
+# Products of these are exact in float32: a fused multiply-add rounds like mul then add.
 _EXACT_PRODUCT_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def _multiply_add(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> None:
-    """acc += a * b in float32 with the definition's rounding: each product rounded, then
-    added. Products of bf16/fp16 operands are exact in float32, so a fused multiply-add is
-    the same there; float32 products go through `scratch` (same shape as acc)."""
-    if a.dtype in _EXACT_PRODUCT_DTYPES and b.dtype in _EXACT_PRODUCT_DTYPES:
-        acc.addcmul_(a, b)  # in-place on float32: operands widened, computed in float32
-    elif a.dtype == b.dtype == torch.float32:
-        acc.add_(torch.mul(a, b, out=scratch))
-    else:
-        acc.add_(scratch.copy_(a).mul_(b))
 
 
 def dynamic_causal_conv(
@@ -50,18 +39,27 @@ def dynamic_causal_conv(
     W = kernels.shape[-1]
     out = torch.empty_like(x)
     accumulate_in_out = out.dtype == torch.float32
+    exact_products = x.dtype in _EXACT_PRODUCT_DTYPES and kernels.dtype in _EXACT_PRODUCT_DTYPES
     block = max(1, _BLOCK_BYTES // (4 * D * W))
+    taps = x.new_empty(min(block, T), W, D, dtype=torch.float32)
+    inputs = x.new_zeros(min(block, T) + W - 1, D, dtype=torch.float32)
     scratch = x.new_empty(min(block, T), D, dtype=torch.float32)
     for start in range(0, T, block):
         end = min(start + block, T)
-        # acc[t] = sum_w kernels[t, :, w] * x[t - (W - 1) + w] over the taps inside the batch
-        acc = out[start:end] if accumulate_in_out else x.new_empty(end - start, D, dtype=torch.float32)
-        acc.zero_()
-        for w in range(W):
-            shift = W - 1 - w
-            lo = max(start, shift)
-            _multiply_add(acc[lo - start:], kernels[lo:end, :, w], x[lo - shift: end - shift],
-                          scratch[lo - start: end - start])
+        n = end - start
+        # the block's filters tap-major, float32: [n, D, W] -> [n, W, D]
+        taps[:n].copy_(kernels[start:end].transpose(1, 2))
+        # its inputs and the W - 1 before (zeros before the batch), float32: [W - 1 + n, D]
+        lo = max(start - (W - 1), 0)
+        inputs[lo - (start - (W - 1)): W - 1 + n].copy_(x[lo:end])
+        # out[t] = sum_w taps[t, w] * x[t - (W - 1) + w], w in the definition's order
+        acc = out[start:end] if accumulate_in_out else scratch.new_empty(n, D)
+        torch.mul(taps[:n, 0], inputs[:n], out=acc)
+        for w in range(1, W):
+            if exact_products:
+                acc.addcmul_(taps[:n, w], inputs[w: w + n])
+            else:  # float32 products rounded before the sum, as in the definition
+                acc.add_(torch.mul(taps[:n, w], inputs[w: w + n], out=scratch[:n]))
         F.silu(acc, inplace=True)
         if not accumulate_in_out:
             out[start:end] = acc
