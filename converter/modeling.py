@@ -18,6 +18,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vllm_jetnemotron.config import JetNemotronConfig
+from vllm_jetnemotron.kernels.gated_delta_rule.chunk import chunked_gated_delta_rule_sequence
 from vllm_jetnemotron.kernels import (
     dynamic_causal_conv_naive,
     gated_rmsnorm_naive,
@@ -107,60 +108,6 @@ class JetNemotronAttention(nn.Module):
             q, k, v, attn_mask=allowed, enable_gqa=self.num_kv_heads != self.num_heads)
         # [B, heads, T, head_dim] -> [B, T, heads * head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def chunked_gated_delta_rule_sequence(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chunked (WY) gated delta rule, differentiable, in PyTorch: the formulation of
-    `kernels/gated_delta_rule/chunk.py` kept here so training does not depend on the
-    serving kernels' internals. Within a chunk of C tokens with cumulative log-decay G,
-    (I + A) U = beta V - (beta exp(G) K) S0 with A[s, r] = beta_s exp(G_s - G_r) k_s.k_r
-    (r < s); O = (exp(G) Q) S0 + (Q K^T exp(G_t - G_s), s <= t) U;
-    S1 = exp(G_C) S0 + (K exp(G_C - G))^T U.
-
-    One sequence: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]`, state `[H, K, V]`
-    (all float32, q already scaled). Returns o `[T, H, V]` and the final state."""
-    T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    N = -(-T // C)
-    pad = N * C - T
-    # Padding tokens have k = v = q = 0 and g = 0: no write, no decay, no output.
-    # [T, H, D] -> [H, N, C, D]
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(N, C, H, -1).permute(2, 0, 1, 3) for x in (q, k, v))
-    # [T, H] -> [H, N, C]
-    g, beta = (F.pad(x, (0, 0, 0, pad)).view(N, C, H).permute(2, 0, 1) for x in (g, beta))
-
-    G = g.cumsum(-1)  # [H, N, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay[t, s] = exp(G_t - G_s) for s <= t, else 0: [H, N, C, C]
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
-    k_beta = k * beta[..., None]
-    A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    lower = eye + A
-    U0 = torch.linalg.solve_triangular(lower, v * beta[..., None], upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(lower, k_beta * G.exp()[..., None], upper=False, unitriangular=True)
-    qk = q @ k.transpose(-1, -2) * decay  # [H, N, C, C]
-    q_decayed = q * G.exp()[..., None]
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
-    chunk_decay = G[..., -1].exp()  # [H, N]
-
-    out = torch.empty(H, N, C, V, dtype=q.dtype, device=q.device)
-    for n in range(N):
-        U = U0[:, n] - W[:, n] @ state  # [H, C, V]
-        out[:, n] = q_decayed[:, n] @ state + qk[:, n] @ U
-        state = state * chunk_decay[:, n, None, None] + k_to_end[:, n].transpose(-1, -2) @ U
-    # [H, N, C, V] -> [T, H, V]
-    return out.permute(1, 2, 0, 3).reshape(N * C, H, V)[:T], state
 
 
 def chunked_gated_delta_rule_for_training(q, k, v, g, beta, chunk_size: int = 64) -> torch.Tensor:

@@ -15,7 +15,7 @@ wave at a time (a few positions of every running sequence, about `_WAVE_TOKENS` 
 so that the wave's intermediates stay in the CPU caches): the state-free work of a wave
 (decay masks, T, U0, W) is one batched computation, then the state hands over from chunk
 to chunk with three batched matrix products per position ([W; gamma Q] S0, (Q K^T ..) U
-and K^T U). `_chunk_sequence` keeps the
+and K^T U). `chunked_gated_delta_rule_sequence` keeps the
 plain differentiable form (one sequence, no in-place updates) for the training backward.
 """
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 _WAVE_TOKENS = 256
 
 
-def _chunk_sequence(
+def chunked_gated_delta_rule_sequence(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,

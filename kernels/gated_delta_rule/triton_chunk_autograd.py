@@ -5,7 +5,7 @@ Forward: the Triton prefill kernel of triton_chunk.py (initial states as a pool 
 slots, final states written to a fresh float32 tensor).
 
 Backward: PyTorch, not Triton. It recomputes the forward with the differentiable
-chunked formulation of chunk.py (`_chunk_sequence`: batched triangular solves per chunk,
+chunked formulation of chunk.py (`chunked_gated_delta_rule_sequence`: batched triangular solves per chunk,
 sequential state hand-over between chunks; L2 norm and scale before it) under autograd
 and back-propagates through it. Correct on any device, at the memory of the PyTorch
 chunked graph (per-chunk [C, C] and [C, K/V] tensors plus one [H, K, V] state per chunk)
@@ -15,7 +15,7 @@ flash-linear-attention) would replace `_recompute` without changing the interfac
 
 import torch
 
-from .chunk import _chunk_sequence
+from .chunk import chunked_gated_delta_rule_sequence
 from .naive import l2_normalize
 from .triton_chunk import chunk_gated_delta_rule as chunk_gated_delta_rule_triton
 
@@ -39,7 +39,7 @@ def _recompute(q, k, v, g, beta, initial_state, bounds, scale, use_qk_l2norm, ch
         def fold(x):
             return x.reshape(N, L, H, *x.shape[2:]).transpose(0, 1).reshape(L, N * H, *x.shape[2:])
 
-        o, ht = _chunk_sequence(fold(q), fold(k), fold(v), fold(g), fold(beta),
+        o, ht = chunked_gated_delta_rule_sequence(fold(q), fold(k), fold(v), fold(g), fold(beta),
                                 h0.reshape(N * H, K, V), chunk_size)
         # [L, N * H, V] -> [N * L, H, V]
         o = o.reshape(L, N, H, V).transpose(0, 1).reshape(N * L, H, V)
@@ -48,7 +48,7 @@ def _recompute(q, k, v, g, beta, initial_state, bounds, scale, use_qk_l2norm, ch
     for i in range(N):
         start, end = bounds[i], bounds[i + 1]
         if end > start:
-            o_i, h_i = _chunk_sequence(q[start:end], k[start:end], v[start:end], g[start:end], beta[start:end],
+            o_i, h_i = chunked_gated_delta_rule_sequence(q[start:end], k[start:end], v[start:end], g[start:end], beta[start:end],
                                        h0[i], chunk_size)
             outputs.append(o_i)
         else:
