@@ -30,6 +30,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
 from .config import JetNemotronConfig, checkpoint_tensor_shapes
+from .draft_model_cache_group import use_drafter_cache_group
 from .jet_block import JetBlock, jet_block_state_dtypes, jet_block_state_shapes
 
 
@@ -166,6 +167,9 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid):
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                           prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        spec = vllm_config.speculative_config
+        if not prefix and spec is not None and spec.uses_draft_model():
+            use_drafter_cache_group()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)

@@ -1,0 +1,48 @@
+"""Give vLLM's `draft_model` proposer the block table of its own KV cache group.
+
+vLLM's model runner hands the drafter the attention metadata of the group that holds
+the drafter's layers only for EAGLE-style proposers; `DraftModelProposer` gets group 0's
+(`GPUModelRunner._build_attention_metadata`, vLLM 0.32). With a hybrid target, group 0
+holds JetBlock states, and all groups alias one allocation (a block id belongs to one
+group at a time), so the draft model's attention writes its K/V into the pages of the
+target's recurrent and conv states and the verified output goes wrong. The patch below
+swaps in the drafter's group's block table and slot mapping; it changes nothing when
+the drafter's layers are in group 0 or when the proposer is not `DraftModelProposer`.
+"""
+
+import functools
+from copy import copy
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def use_drafter_cache_group() -> None:
+    """Patch the model runner class (idempotent)."""
+    from vllm.v1.spec_decode.draft_model import DraftModelProposer
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    build = GPUModelRunner._build_attention_metadata
+    if getattr(build, "_uses_drafter_cache_group", False):
+        return
+
+    @functools.wraps(build)
+    def build_attention_metadata(self, *args, slot_mappings=None, **kwargs):
+        attn_metadata, drafter_metadata = build(self, *args, slot_mappings=slot_mappings, **kwargs)
+        drafter = getattr(self, "drafter", None)
+        if (drafter_metadata is None or not isinstance(drafter, DraftModelProposer)
+                or drafter.kv_cache_gid <= 0 or slot_mappings is None):
+            return attn_metadata, drafter_metadata
+        group = drafter.kv_cache_gid
+        num_reqs, num_tokens = drafter_metadata.num_reqs, drafter_metadata.num_actual_tokens
+        drafter_metadata = copy(drafter_metadata)
+        drafter_metadata.block_table_tensor = (
+            self.input_batch.block_table[group].get_device_tensor(num_reqs))
+        drafter_metadata.slot_mapping = slot_mappings[group][:num_tokens]
+        return attn_metadata, drafter_metadata
+
+    build_attention_metadata._uses_drafter_cache_group = True
+    GPUModelRunner._build_attention_metadata = build_attention_metadata
+    logger.info("Jet-Nemotron: draft_model speculation uses the draft model's own KV cache "
+                "group (vLLM passes group 0's block table to DraftModelProposer).")
