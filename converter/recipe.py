@@ -58,7 +58,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     },
     "final": {"steps": 300, "lr": 5e-4, "warmup": 20, "trainable": "all"},  # all | mixers
     "baselines": {"placements": [], "steps": 0},  # e.g. [uniform, all_jet], for the report
-    "draft": {"num_layers": 2, "steps": 150, "lr": 1e-3, "num_speculative_tokens": 3},
+    "draft": {"num_layers": 1, "steps": 150, "lr": 1e-3, "num_speculative_tokens": 3},
     "eval": {"files": []},      # jsonl with `prompt` and `answer`, scored by answer loss
     "export": {"dtype": "bfloat16"},
 }
@@ -131,6 +131,12 @@ def build_recipe(file_values: dict | None = None, overrides: dict | None = None)
         raise RecipeError(f"baselines.placements must be a subset of ['uniform', 'all_jet'], got {sorted(unknown)}")
     if recipe["final"]["trainable"] not in ("all", "mixers"):
         raise RecipeError(f"final.trainable must be 'all' or 'mixers', got {recipe['final']['trainable']!r}")
+    if recipe["draft"]["num_layers"] != 1:
+        # vLLM (0.32) asserts that all draft layers share one KV-cache group; with a hybrid
+        # target it groups full-attention layers one per group whenever some layer kind
+        # has a single layer, so a deeper draft would not load.
+        raise RecipeError(f"draft.num_layers must be 1 (vLLM needs every draft layer in one "
+                          f"KV-cache group), got {recipe['draft']['num_layers']!r}")
     if recipe["export"]["dtype"] not in ("bfloat16", "float16", "float32"):
         raise RecipeError(f"export.dtype must be bfloat16, float16 or float32, got {recipe['export']['dtype']!r}")
     return recipe

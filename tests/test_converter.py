@@ -155,6 +155,7 @@ def _bad_teacher(tmp_path, teacher, kind):
     ("empty_folder", "holds no text files"),
     ("empty_file", "at least"),
     ("missing_data", "data path"),
+    ("deep_draft", "draft.num_layers must be 1"),
 ])
 def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message):
     teacher_dir, data, extra = teacher[0], teacher[1], []
@@ -172,8 +173,12 @@ def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message
         Path(data).write_text("")
     elif case == "missing_data":
         data = str(tmp_path / "missing.txt")
+    args = convert_args((teacher_dir, data), tmp_path / "work", tmp_path / "out", *extra)
+    if case == "deep_draft":
+        args[0] = str(tmp_path / "recipe.yaml")
+        Path(args[0]).write_text(RECIPE.read_text().replace("draft: {num_layers: 1", "draft: {num_layers: 2"))
     out = tmp_path / "out"
-    code = cli.main(convert_args((teacher_dir, data), tmp_path / "work", out, *extra))
+    code = cli.main(args)
     assert code == 2
     assert message in capsys.readouterr().err
     assert not out.exists()

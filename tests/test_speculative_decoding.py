@@ -5,6 +5,7 @@ The target here is the random tiny checkpoint with its mixer and MLP outputs sca
 0.1: it often repeats its last token and sometimes does not, so drafts are partly
 accepted and partly rejected, while its output still depends on the JetBlock states."""
 
+import json
 import shutil
 
 import pytest
@@ -51,6 +52,50 @@ def draft(target, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
+def eagle3_draft(target, tmp_path_factory) -> str:
+    """A random EAGLE-3 head (vLLM's `LlamaForCausalLMEagle3` format) reading the target's
+    residual stream after layers 1, 2 and 3; it shares the target's embeddings."""
+    target_config = preset_config("tiny")
+    h, heads, kv_heads, head_dim = 128, 2, 1, 64
+    intermediate, vocab = 256, target_config.vocab_size
+    g = torch.Generator().manual_seed(3)
+
+    def w(*shape):
+        return torch.randn(*shape, generator=g) * 0.05
+
+    tensors = {
+        "midlayer.input_layernorm.weight": torch.ones(h),
+        "midlayer.hidden_norm.weight": torch.ones(h),
+        "midlayer.self_attn.q_proj.weight": w(heads * head_dim, 2 * h),
+        "midlayer.self_attn.k_proj.weight": w(kv_heads * head_dim, 2 * h),
+        "midlayer.self_attn.v_proj.weight": w(kv_heads * head_dim, 2 * h),
+        "midlayer.self_attn.o_proj.weight": w(h, heads * head_dim),
+        "midlayer.post_attention_layernorm.weight": torch.ones(h),
+        "midlayer.mlp.gate_proj.weight": w(intermediate, h),
+        "midlayer.mlp.up_proj.weight": w(intermediate, h),
+        "midlayer.mlp.down_proj.weight": w(h, intermediate),
+        "fc.weight": w(h, 3 * h),
+        "norm.weight": torch.ones(h),
+        "lm_head.weight": w(vocab, h),
+    }
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": intermediate, "num_hidden_layers": 1,
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "vocab_size": vocab, "draft_vocab_size": vocab, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": target_config.max_position_embeddings, "rope_theta": 10000.0,
+        "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
+        "eagle_aux_hidden_state_layer_ids": [1, 2, 3],
+    }
+    path = tmp_path_factory.mktemp("spec") / "eagle3"
+    path.mkdir(exist_ok=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config))
+    copy_tokenizer(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def prompts():
     repetitive = [(list(range(1000, 1008)) * 40)[:n] for n in (24, 130)]
     return random_prompts([3, 150, 40, 290, 1], seed=6) + repetitive
@@ -88,3 +133,12 @@ def test_draft_model_equals_no_speculation(target, draft, prompts, without_specu
         "method": "draft_model", "model": draft, "num_speculative_tokens": num_speculative_tokens})
     assert outputs == without_speculation
     assert 0 < counters["accepted_tokens"] < counters["draft_tokens"], counters
+
+
+def test_eagle3_equals_no_speculation(target, eagle3_draft, prompts, without_speculation):
+    """The target hands its residual stream after layers 1-3 to the EAGLE-3 head; a random
+    head's drafts are nearly all rejected, which the verification must absorb exactly."""
+    outputs, counters = speculative_run(target, prompts, {
+        "method": "eagle3", "model": eagle3_draft, "num_speculative_tokens": 3})
+    assert outputs == without_speculation
+    assert counters["draft_tokens"] > 0, counters

@@ -24,7 +24,12 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
 )
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.interfaces import HasInnerState, IsHybrid
+from vllm.model_executor.models.interfaces import (
+    EagleModelMixin,
+    HasInnerState,
+    IsHybrid,
+    SupportsEagle3,
+)
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
@@ -101,11 +106,12 @@ class JetNemotronDecoderLayer(nn.Module):
 
 
 @support_torch_compile
-class JetNemotronModel(nn.Module):
+class JetNemotronModel(nn.Module, EagleModelMixin):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: JetNemotronConfig = vllm_config.model_config.hf_config
         self.config = config
+        self.start_layer = 0  # no pipeline parallelism: this rank holds every layer
         self.embed_tokens = VocabParallelEmbedding(
             config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
         self.layers = nn.ModuleList(
@@ -118,12 +124,19 @@ class JetNemotronModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Final hidden states, plus the residual stream after the layers EAGLE-3 asked
+        for (`aux_hidden_state_layers`; 0 is the embeddings) when it asked."""
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
         residual = None
-        for layer in self.layers:
+        aux_hidden_states = self._maybe_add_hidden_state([], 0, hidden_states, residual)
+        for i, layer in enumerate(self.layers):
             hidden_states, residual = layer(positions, hidden_states, residual)
+            self._maybe_add_hidden_state(aux_hidden_states, i + 1, hidden_states, residual)
         hidden_states, _ = self.norm(hidden_states, residual)
+        if aux_hidden_states:
+            return hidden_states, aux_hidden_states
         return hidden_states
 
 
@@ -152,7 +165,7 @@ MLP_STACKED = [
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid):
+class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: JetNemotronConfig = vllm_config.model_config.hf_config
