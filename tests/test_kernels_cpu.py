@@ -192,6 +192,20 @@ def test_dynamic_conv_prefill_in_blocks(monkeypatch, dtype):
         torch.testing.assert_close(pool[slot], ref_state[0].float())
 
 
+def test_dynamic_conv_compiled_pass_equals_the_eager_loop():
+    # the Inductor pass used for bf16 prefills, against the tap-by-tap loop, bit for bit,
+    # at two lengths (the second reuses the compiled code: the length is dynamic)
+    from vllm_jetnemotron.kernels.dynamic_conv import cpu
+
+    gen = torch.Generator().manual_seed(8)
+    for T in (300, 47):
+        x = torch.randn(T, 96, generator=gen).bfloat16()
+        kernels = torch.randn(T, 96, 4, generator=gen).bfloat16()
+        fast = cpu._convolve_packed_fast(x, kernels)
+        assert fast is not None, "the compiled pass did not run"
+        assert torch.equal(fast, cpu._convolve_packed_eager(x, kernels, exact_products=True))
+
+
 def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     # vLLM's C++ decode op (bf16 activations, float32 pool with a padded slot stride as in
     # vLLM's hybrid cache pages) against the PyTorch step from the same raw gates; the op

@@ -1,8 +1,17 @@
 """Dynamic causal convolution for vLLM on the CPU: varlen prefill and decode steps
 with conv states kept in a pool (time-first `[num_slots, W - 1, D]`, any strides)."""
 
+import functools
+import logging
+import os
+
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+# "0" keeps the prefill convolution in eager PyTorch (no Inductor compilation).
+COMPILE_ENV = "JETNEMOTRON_CPU_CONV_COMPILE"
 
 
 # Bytes of filters per block of the prefill (float32): the block's filters and
@@ -10,6 +19,50 @@ import torch.nn.functional as F
 _BLOCK_BYTES = 3 << 19
 # Products of these are exact in float32: a fused multiply-add rounds like mul then add.
 _EXACT_PRODUCT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _convolve_packed(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """SiLU of the causal dynamic conv of x `[T, D]` as one sequence after W - 1 zero
+    inputs, float32 accumulation in tap order, in x's dtype. Written for Inductor, which
+    fuses it into one pass; used for 16-bit inputs only (their products are exact in
+    float32, so a fused multiply-add rounds like a multiply then an add)."""
+    T, W = x.shape[0], kernels.shape[-1]
+    padded = F.pad(x.float(), (0, 0, W - 1, 0))  # [W - 1 + T, D]
+    acc = kernels[:, :, 0].float() * padded[:T]
+    for w in range(1, W):
+        acc = acc + kernels[:, :, w].float() * padded[w: w + T]
+    return F.silu(acc).to(x.dtype)
+
+
+# Shorter batches gain little from the compiled pass (and a length of 1 cannot be traced
+# as a dynamic size).
+_MIN_COMPILED_TOKENS = 16
+
+
+@functools.cache
+def _compiled_convolve_packed():
+    """`_convolve_packed` under Inductor, or None when turned off (`COMPILE_ENV`)."""
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        return None
+    # Dynamic in the number of tokens only: with symbolic D or W the loops do not vectorize.
+    return torch.compile(_convolve_packed, dynamic=False)
+
+
+def _convolve_packed_fast(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor | None:
+    """The compiled pass, or None where it does not apply or cannot run here (no C++
+    compiler, for one: then it is turned off for the process, with a warning)."""
+    compiled = _compiled_convolve_packed()
+    if compiled is None or x.device.type != "cpu" or x.shape[0] < _MIN_COMPILED_TOKENS:
+        return None
+    torch._dynamo.mark_dynamic(x, 0)
+    torch._dynamo.mark_dynamic(kernels, 0)
+    try:
+        return compiled(x, kernels)
+    except Exception as error:  # noqa: BLE001 - any compiler failure: stay eager from now on
+        logger.warning("dynamic conv: Inductor compilation failed (%s); using the eager path", error)
+        _compiled_convolve_packed.cache_clear()
+        os.environ[COMPILE_ENV] = "0"
+        return None
 
 
 def dynamic_causal_conv(
@@ -30,16 +83,27 @@ def dynamic_causal_conv(
     Returns:
         out `[T, D]` (SiLU applied) in x's dtype.
 
-    The packed tokens are convolved as one sequence, tap by tap (W shifted multiply-adds
-    on contiguous `[T, D]` rows, float32 accumulation), block by block; then the first
-    W - 1 tokens of every sequence, whose windows reach into the history, are recomputed
-    from the sequence's own history.
+    The packed tokens are convolved as one sequence: for 16-bit inputs by one compiled
+    pass (`_convolve_packed`), else tap by tap (W shifted multiply-adds on contiguous
+    `[T, D]` rows, float32 accumulation), block by block; then the first W - 1 tokens of
+    every sequence, whose windows reach into the history, are recomputed from the
+    sequence's own history.
     """
+    T, D = x.shape
+    W = kernels.shape[-1]
+    exact_products = x.dtype in _EXACT_PRODUCT_DTYPES and kernels.dtype in _EXACT_PRODUCT_DTYPES
+    out = _convolve_packed_fast(x, kernels) if exact_products else None
+    if out is None:
+        out = _convolve_packed_eager(x, kernels, exact_products)
+    return _finish_sequence_edges(out, x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state)
+
+
+def _convolve_packed_eager(x: torch.Tensor, kernels: torch.Tensor, exact_products: bool) -> torch.Tensor:
+    """`_convolve_packed` tap by tap, block by block, in eager PyTorch (any dtype)."""
     T, D = x.shape
     W = kernels.shape[-1]
     out = torch.empty_like(x)
     accumulate_in_out = out.dtype == torch.float32
-    exact_products = x.dtype in _EXACT_PRODUCT_DTYPES and kernels.dtype in _EXACT_PRODUCT_DTYPES
     block = max(1, _BLOCK_BYTES // (4 * D * W))
     taps = x.new_empty(min(block, T), W, D, dtype=torch.float32)
     inputs = x.new_zeros(min(block, T) + W - 1, D, dtype=torch.float32)
@@ -63,7 +127,14 @@ def dynamic_causal_conv(
         F.silu(acc, inplace=True)
         if not accumulate_in_out:
             out[start:end] = acc
+    return out
 
+
+def _finish_sequence_edges(out, x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state):
+    """Recompute each sequence's first W - 1 outputs from its own history (out holds the
+    packed convolution) and write its last W - 1 inputs to its state slot."""
+    T, D = x.shape
+    W = kernels.shape[-1]
     num_seqs = cu_seqlens.numel() - 1
     if num_seqs == 0 or W == 1:  # W = 1: no history to read or keep
         return out
