@@ -206,6 +206,22 @@ def test_dynamic_conv_compiled_pass_equals_the_eager_loop():
         assert torch.equal(fast, cpu._convolve_packed_eager(x, kernels, exact_products=True))
 
 
+def test_dynamic_conv_stays_eager_when_compilation_fails(monkeypatch):
+    from vllm_jetnemotron.kernels.dynamic_conv import cpu
+
+    def no_compiler(x, kernels):
+        raise RuntimeError("no C++ compiler")
+
+    compiled = [no_compiler]
+    monkeypatch.setattr(cpu, "_compiled_convolve_packed", lambda: compiled)
+    x, kernels = torch.randn(40, 16).bfloat16(), torch.randn(40, 16, 4).bfloat16()
+    cu, pool = torch.tensor([0, 40]), torch.zeros(1, 3, 16)
+    out = dynamic_causal_conv(x, kernels, cu, pool, torch.tensor([0]), torch.tensor([False]))
+    ref, _ = dynamic_causal_conv_naive(x[None], kernels[None], torch.zeros(1, 3, 16))
+    torch.testing.assert_close(out, ref[0], atol=1e-6, rtol=0)
+    assert compiled == [], "a failed compilation must switch the process to the eager loop"
+
+
 def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     # vLLM's C++ decode op (bf16 activations, float32 pool with a padded slot stride as in
     # vLLM's hybrid cache pages) against the PyTorch step from the same raw gates; the op

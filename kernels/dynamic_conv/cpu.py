@@ -41,27 +41,27 @@ _MIN_COMPILED_TOKENS = 16
 
 @functools.cache
 def _compiled_convolve_packed():
-    """`_convolve_packed` under Inductor, or None when turned off (`COMPILE_ENV`)."""
+    """`_convolve_packed` under Inductor (a one-item list, emptied if compilation fails),
+    or an empty list when turned off (`COMPILE_ENV`)."""
     if os.environ.get(COMPILE_ENV, "1") == "0":
-        return None
+        return []
     # Dynamic in the number of tokens only: with symbolic D or W the loops do not vectorize.
-    return torch.compile(_convolve_packed, dynamic=False)
+    return [torch.compile(_convolve_packed, dynamic=False)]
 
 
 def _convolve_packed_fast(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor | None:
     """The compiled pass, or None where it does not apply or cannot run here (no C++
     compiler, for one: then it is turned off for the process, with a warning)."""
     compiled = _compiled_convolve_packed()
-    if compiled is None or x.device.type != "cpu" or x.shape[0] < _MIN_COMPILED_TOKENS:
+    if not compiled or x.device.type != "cpu" or x.shape[0] < _MIN_COMPILED_TOKENS:
         return None
     torch._dynamo.mark_dynamic(x, 0)
     torch._dynamo.mark_dynamic(kernels, 0)
     try:
-        return compiled(x, kernels)
+        return compiled[0](x, kernels)
     except Exception as error:  # noqa: BLE001 - any compiler failure: stay eager from now on
         logger.warning("dynamic conv: Inductor compilation failed (%s); using the eager path", error)
-        _compiled_convolve_packed.cache_clear()
-        os.environ[COMPILE_ENV] = "0"
+        compiled.clear()
         return None
 
 
