@@ -55,9 +55,9 @@ def draft(target, tmp_path_factory) -> str:
 def eagle3_draft(target, tmp_path_factory) -> str:
     """A random EAGLE-3 head (vLLM's `LlamaForCausalLMEagle3` format) reading the target's
     residual stream after layers 1, 2 and 3; it shares the target's embeddings."""
-    target_config = preset_config("tiny")
-    h, heads, kv_heads, head_dim = 128, 2, 1, 64
-    intermediate, vocab = 256, target_config.vocab_size
+    c = preset_config("tiny")  # the target's shapes
+    h, heads, kv_heads, head_dim = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    intermediate, vocab = c.intermediate_size, c.vocab_size
     g = torch.Generator().manual_seed(3)
 
     def w(*shape):
@@ -83,7 +83,7 @@ def eagle3_draft(target, tmp_path_factory) -> str:
         "hidden_size": h, "intermediate_size": intermediate, "num_hidden_layers": 1,
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
         "vocab_size": vocab, "draft_vocab_size": vocab, "rms_norm_eps": 1e-6,
-        "max_position_embeddings": target_config.max_position_embeddings, "rope_theta": 10000.0,
+        "max_position_embeddings": c.max_position_embeddings, "rope_theta": 10000.0,
         "hidden_act": "silu", "tie_word_embeddings": False, "torch_dtype": "float32",
         "eagle_aux_hidden_state_layer_ids": [1, 2, 3],
     }
