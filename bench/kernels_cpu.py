@@ -14,7 +14,7 @@ side by side in one run (alternating calls, median over rounds).
 2. Decode step, batch 64, 12 heads, K = 96, V = 256, bf16 activations, float32 state
    pool: vLLM's C++ `fused_sigmoid_gating_delta_rule_update_cpu` against the PyTorch step
    (`fused_recurrent_gated_delta_rule_from_gates`) and against what the vLLM model runs
-   (`jet_ops.gated_delta_rule_decode`, which calls the C++ op for such steps).
+   (`kernels.dispatch.gated_delta_rule_decode`, which calls the C++ op for such steps).
 3. Dynamic causal conv (`dynamic_causal_conv`), 2048 tokens, V = 3072 channels, W = 4, in
    bf16 (what vLLM serves) and float32: against the unfold-based definition
    (`dynamic_causal_conv_naive`).
@@ -207,7 +207,7 @@ def bench_prefill(rounds: int, loop_rounds: int) -> dict:
 def bench_decode(rounds: int) -> dict:
     import vllm._custom_ops as ops
 
-    from vllm_jetnemotron import jet_ops
+    from vllm_jetnemotron.kernels import dispatch
     from vllm_jetnemotron.kernels import fused_recurrent_gated_delta_rule_from_gates
 
     N, H, K, V = 64, 12, 96, 256
@@ -221,7 +221,7 @@ def bench_decode(rounds: int) -> dict:
     slots = torch.randperm(N + 16, generator=g)[:N].to(torch.int32)
     cu = torch.arange(N + 1, dtype=torch.int32)
     dt_bias_bf16 = dt_bias.bfloat16()
-    assert jet_ops._cpu_decode_op_applies(q, k, v, a, b, pool, slots), "the C++ decode op is not available"
+    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is not None, "the C++ decode op is not available"
 
     def cpp():
         ops.fused_sigmoid_gating_delta_rule_update_cpu(
@@ -234,14 +234,14 @@ def bench_decode(rounds: int) -> dict:
             q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], A_log, dt_bias, pool, slots)
 
     def vllm_model_path():
-        jet_ops.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, pool, slots)
+        dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, pool, slots)
 
     print("decode: timing ...", flush=True)
-    times = side_by_side({"pytorch_step": pytorch_step, "jet_ops": vllm_model_path, "cpp": cpp}, rounds)
+    times = side_by_side({"pytorch_step": pytorch_step, "dispatch": vllm_model_path, "cpp": cpp}, rounds)
     shape = dict(batch=N, heads=H, K=K, V=V, dtype="bfloat16", state="float32")
     return {
         "decode_pytorch_vs_cpp": ratio_entry(times, "pytorch_step", "cpp", **shape),
-        "decode_vs_cpp": ratio_entry(times, "jet_ops", "cpp", "decode_vs_cpp", **shape),
+        "decode_vs_cpp": ratio_entry(times, "dispatch", "cpp", "decode_vs_cpp", **shape),
     }
 
 
@@ -290,7 +290,7 @@ def _decode_path_in_worker(worker) -> dict:
 
     import torch as _torch
 
-    from vllm_jetnemotron import jet_ops as _jet_ops
+    from vllm_jetnemotron.kernels import dispatch as _dispatch
     from vllm_jetnemotron.jet_block import JetBlock
 
     model = worker.model_runner.model
@@ -298,8 +298,8 @@ def _decode_path_in_worker(worker) -> dict:
     conv_state, recurrent_state = block.kv_cache
     return {
         "recurrent_state_dtype": str(recurrent_state.dtype),
-        "op_present": hasattr(_torch.ops._C, _jet_ops._CPU_DECODE_OP),
-        "env": _os.environ.get(_jet_ops.CPU_DECODE_OP_ENV, "(unset)"),
+        "op_present": hasattr(_torch.ops._C, _dispatch._CPU_DECODE_OP),
+        "env": _os.environ.get(_dispatch.CPU_DECODE_OP_ENV, "(unset)"),
         "model_dtype": str(worker.vllm_config.model_config.dtype),
     }
 
@@ -356,7 +356,7 @@ def table(results: dict, e2e: dict | None, command: str, info: dict) -> str:
         ("Chunked prefill at JetBlock dims (4 x 2048, 12 heads, K = 96, V = 256, bf16)",
          "prefill_vs_loop_jetblock_dims"),
         ("Decode step, PyTorch (batch 64, 12 heads, K = 96, V = 256, bf16, fp32 state)", "decode_pytorch_vs_cpp"),
-        ("Decode step as the vLLM model runs it (`jet_ops`, same shape)", "decode_vs_cpp"),
+        ("Decode step as the vLLM model runs it (`kernels.dispatch`, same shape)", "decode_vs_cpp"),
         ("Dynamic conv (2048 tokens, V = 3072, W = 4, bf16)", "conv_vs_unfold"),
         ("Dynamic conv (same, bf16), fresh heap: temporaries page-faulted", "conv_vs_unfold_fresh_heap"),
         ("Dynamic conv (same, float32)", "conv_vs_unfold_float32"),

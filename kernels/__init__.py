@@ -2,31 +2,30 @@
 
 One sub-package per operation family, each with `naive.py` (the definition in plain
 PyTorch, used by the reference model and as the test oracle) and the implementations
-vLLM runs (`cpu.py` here; Triton kernels for GPUs sit beside them as `triton_*.py`).
-`dispatch` exposes the CPU functions' names and picks Triton for CUDA tensors; the
-training functions (`*_autograd`, Triton) load on first access, so importing this
-package never imports triton.
-
-State layout everywhere: the recurrent state of one sequence is `[H, K, V]` (keys by
-values, as in flash-linear-attention); conv states are `[W - 1, D]` (time first).
+vLLM runs: `cpu.py` / `chunk.py` / `fused_recurrent.py` on the CPU, `triton_*.py` on
+GPUs. The operations exported here are the routed ones (`dispatch`, which documents the
+contract every implementation honours): the same call runs Triton on CUDA tensors and
+the CPU implementation otherwise. The training functions (`*_autograd`, Triton) load on
+first access, so importing this package never imports triton.
 """
 
 import importlib
 
-from .dynamic_conv import (
+from .dispatch import (
+    chunk_gated_delta_rule,
     dynamic_causal_conv,
-    dynamic_causal_conv_naive,
     dynamic_causal_conv_spec_decode,
     dynamic_causal_conv_step,
-)
-from .gated_delta_rule import (
-    chunk_gated_delta_rule,
     fused_recurrent_gated_delta_rule,
     fused_recurrent_gated_delta_rule_from_gates,
+    fused_recurrent_gated_delta_rule_varlen,
+    gated_delta_rule_decode,
     gated_delta_rule_gates,
-    naive_recurrent_gated_delta_rule,
+    gated_rmsnorm,
 )
-from .gated_rmsnorm import gated_rmsnorm, gated_rmsnorm_naive
+from .dynamic_conv.naive import dynamic_causal_conv_naive
+from .gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+from .gated_rmsnorm.naive import gated_rmsnorm_naive
 
 # name -> module, imported on first access (keeps triton optional on CPU installs)
 _TRITON_EXPORTS = {
@@ -51,6 +50,8 @@ __all__ = [
     "dynamic_causal_conv_step",
     "fused_recurrent_gated_delta_rule",
     "fused_recurrent_gated_delta_rule_from_gates",
+    "fused_recurrent_gated_delta_rule_varlen",
+    "gated_delta_rule_decode",
     "gated_delta_rule_gates",
     "gated_rmsnorm",
     "gated_rmsnorm_naive",

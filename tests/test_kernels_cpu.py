@@ -228,7 +228,7 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     # rounds beta and dt_bias to bf16, so states agree to ~1e-2 of their size, not 1e-5.
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
-    from vllm_jetnemotron import jet_ops
+    from vllm_jetnemotron.kernels import dispatch
 
     N, H, K, V = 4, 3, 96, 256
     gen = torch.Generator().manual_seed(6)
@@ -239,13 +239,13 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     pages = torch.randn(7, H * K * V + 64, generator=gen)
     pool = pages[:, 32: 32 + H * K * V].view(7, H, K, V)  # slot stride > H * K * V
     slots = torch.tensor([5, 0, 6, 2], dtype=torch.int32)
-    assert jet_ops._cpu_decode_op_applies(q, k, v, a, b, pool, slots)
+    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is not None
     fast_pages, slow_pages = pages.clone(), pages.clone()
     fast_pool, slow_pool = (p[:, 32: 32 + H * K * V].view(7, H, K, V) for p in (fast_pages, slow_pages))
-    o_fast = jet_ops.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, fast_pool, slots)
-    monkeypatch.setenv(jet_ops.CPU_DECODE_OP_ENV, "0")
-    assert not jet_ops._cpu_decode_op_applies(q, k, v, a, b, pool, slots)
-    o_slow = jet_ops.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, slow_pool, slots)
+    o_fast = dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, fast_pool, slots)
+    monkeypatch.setenv(dispatch.CPU_DECODE_OP_ENV, "0")
+    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is None
+    o_slow = dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, slow_pool, slots)
     assert o_fast.shape == o_slow.shape == (N, H, V) and o_fast.dtype == torch.bfloat16
     torch.testing.assert_close(o_fast.float(), o_slow.float(), atol=2e-2, rtol=2e-2)
     change = (slow_pool - pool).abs().max()
@@ -254,3 +254,190 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
                                                                           pages[:, 32 + H * K * V:])
     untouched = [1, 3, 4]
     assert torch.equal(fast_pool[untouched], pool[untouched])
+
+
+# ----- the decode update op (C++), speculative steps, padded slots -------------------------
+
+
+def conv_pool(num_slots, rows, D, dtype, dim_first, gen):
+    """A conv-history pool `[num_slots, rows, D]` as the JetBlock sees vLLM's cache: slots
+    inside larger pages, and in the "DS" layout a transposed view (channel stride != 1)."""
+    if dim_first:  # stored [slots, D, rows], read through a transpose
+        pages = torch.randn(num_slots, D * rows + 16, generator=gen).to(dtype)
+        return pages, pages[:, 16:].view(num_slots, D, rows).transpose(1, 2)
+    pages = torch.randn(num_slots, rows * D + 16, generator=gen).to(dtype)
+    return pages, pages[:, 16:].view(num_slots, rows, D)
+
+
+def use_eager_conv_update(monkeypatch):
+    from vllm_jetnemotron.kernels.dynamic_conv import cpu
+
+    monkeypatch.setattr(cpu, "conv_update_op", lambda: None)
+
+
+def test_the_cpp_conv_update_is_built_and_used():
+    from vllm_jetnemotron.kernels.dynamic_conv import cpu
+
+    op = cpu.conv_update_op()
+    assert op is not None, "the C++ decode update did not build on this machine"
+    x, kernels = torch.randn(2, 8).bfloat16(), torch.randn(2, 8, 4).bfloat16()
+    assert cpu._applies(op, x, kernels, torch.zeros(3, 3, 8).bfloat16())
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "eager"])
+@pytest.mark.parametrize("dtype, pool_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("dim_first", [False, True])
+def test_dynamic_conv_step_in_vllm_pages_matches_naive(monkeypatch, implementation, dtype, pool_dtype, dim_first):
+    if implementation == "eager":
+        use_eager_conv_update(monkeypatch)
+    gen = torch.Generator().manual_seed(11)
+    N, D, W = 5, 200, 4  # D not a multiple of the op's channel block
+    x = torch.randn(N, 3 * D, generator=gen).to(dtype)[:, D: 2 * D]  # a column slice, as of in_proj
+    kernels = torch.randn(N, D, W, generator=gen).to(dtype)
+    pages, pool = conv_pool(9, W - 1, D, pool_dtype, dim_first, gen)
+    initial_pages, initial = pages.clone(), pool.clone()
+    slots = torch.tensor([4, 0, 8, 2, 6], dtype=torch.int32)
+    out = dynamic_causal_conv_step(x, kernels, pool, slots)
+    history = initial[slots.long()].to(dtype).float()
+    ref_out, ref_state = dynamic_causal_conv_naive(x[:, None].float(), kernels[:, None].float(), history)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out.float(), ref_out[:, 0], **tol)
+    torch.testing.assert_close(pool[slots.long()].float(), ref_state.to(dtype).float())
+    untouched = [1, 3, 5, 7]
+    assert torch.equal(pool[untouched], initial[untouched])
+    assert torch.equal(pages[:, :16], initial_pages[:, :16])
+
+
+@pytest.mark.parametrize("implementation", ["cpp", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dynamic_conv_spec_decode_matches_naive(monkeypatch, implementation, dtype):
+    # sequences verifying different numbers of drafts, each resuming after a different
+    # accepted count: the output of each token, and buffer row j = the W - 1 inputs
+    # ending at its token j
+    if implementation == "eager":
+        use_eager_conv_update(monkeypatch)
+    from vllm_jetnemotron.kernels import dynamic_causal_conv_spec_decode
+
+    gen = torch.Generator().manual_seed(12)
+    D, W, num_spec = 72, 4, 3
+    rows = W - 1 + num_spec
+    lengths, accepted = [4, 2, 1, 4], [1, 3, 2, 4]
+    T = sum(lengths)
+    x, kernels = torch.randn(T, D, generator=gen).to(dtype), torch.randn(T, D, W, generator=gen).to(dtype)
+    pool = torch.randn(7, rows, D, generator=gen).to(dtype)
+    initial = pool.clone()
+    slots = torch.tensor([5, 0, 3, 6])
+    cu = cu_seqlens(lengths)
+    out = dynamic_causal_conv_spec_decode(x, kernels, cu, pool, slots, torch.tensor(accepted))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    for i, slot in enumerate(slots.tolist()):
+        s, e = cu[i], cu[i + 1]
+        history = initial[slot, accepted[i] - 1: accepted[i] - 1 + W - 1]
+        ref_out, _ = dynamic_causal_conv_naive(x[None, s:e].float(), kernels[None, s:e].float(), history[None].float())
+        torch.testing.assert_close(out[s:e].float(), ref_out[0], **tol)
+        inputs = torch.cat([history, x[s:e]])
+        for j in range(lengths[i]):
+            assert torch.equal(pool[slot, j: j + W - 1], inputs[j + 1: j + W])
+    assert torch.equal(pool[[1, 2, 4]], initial[[1, 2, 4]])
+
+
+def test_varlen_drafts_match_the_recurrence_per_sequence():
+    # one call for sequences of 3, 1 and 2 tokens (L = 3 slots each), from different
+    # accepted counts: outputs and the state after every real token
+    from vllm_jetnemotron.kernels import fused_recurrent_gated_delta_rule_varlen, gated_delta_rule_gates
+
+    gen = torch.Generator().manual_seed(13)
+    H, K, V, L = 2, 16, 32, 3
+    lengths, accepted = [3, 1, 2], torch.tensor([2, 1, 3])
+    T = sum(lengths)
+    q, k = (torch.randn(T, H, K, generator=gen) for _ in range(2))
+    v = torch.randn(T, H, V, generator=gen)
+    a, b = (torch.randn(T, H, generator=gen) for _ in range(2))
+    A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
+    pool = torch.randn(12, H, K, V, generator=gen)
+    initial = pool.clone()
+    slots = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    cu = cu_seqlens(lengths)
+    out = fused_recurrent_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, accepted)
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    for i in range(3):
+        s, e = cu[i], cu[i + 1]
+        start = initial[slots[i, accepted[i] - 1]][None]
+        for j in range(lengths[i]):
+            ref_out, ref_state = naive_recurrent_gated_delta_rule(
+                *(x[None, s: s + j + 1] for x in (q, k, v, g, beta)), initial_state=start, output_final_state=True)
+            torch.testing.assert_close(pool[slots[i, j]], ref_state[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-5, rtol=0)
+    assert torch.equal(pool[9:], initial[9:])
+
+
+PAD = -1  # vLLM's PAD_SLOT_ID
+
+
+# every CPU entry point, with a padded sequence in the middle of the batch
+PADDED_BATCH_CASES = ["conv_prefill", "conv_step", "conv_spec", "chunk_prefill", "recurrent_decode",
+                      "recurrent_drafts", "decode_with_cpp_op"]
+
+
+@pytest.mark.parametrize("case", PADDED_BATCH_CASES)
+def test_padded_slots_are_neither_read_nor_written(case):
+    # The same batch twice: with the middle sequence's slot set to PAD_SLOT_ID, the pool
+    # must be bit-identical except for the real sequences' slots, and their outputs must
+    # equal those of the batch without the padded sequence.
+    import vllm._custom_ops  # noqa: F401  (loads torch.ops._C for the C++ decode op)
+
+    from vllm_jetnemotron import kernels as ops
+
+    gen = torch.Generator().manual_seed(14)
+    H, K, V, W, D = 2, 16, 32, 4, 64
+    dtype = torch.bfloat16 if case == "decode_with_cpp_op" else torch.float32
+    lengths = [3, 5, 2] if case.endswith("prefill") else [2, 2, 2] if case.endswith("spec") or case.endswith("drafts") else [1, 1, 1]
+    T = sum(lengths)
+    cu = cu_seqlens(lengths)
+    conv = case.startswith("conv")
+    rows = W - 1 + (1 if case == "conv_spec" else 0)
+    pool = torch.randn(6, rows, D, generator=gen) if conv else torch.randn(6, H, K, V, generator=gen)
+    x, kernels = torch.randn(T, D, generator=gen), torch.randn(T, D, W, generator=gen)
+    q, k = (torch.randn(T, H, K, generator=gen).to(dtype) for _ in range(2))
+    v = torch.randn(T, H, V, generator=gen).to(dtype)
+    a, b = (torch.randn(T, H, generator=gen).to(dtype) for _ in range(2))
+    A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
+    g, beta = ops.gated_delta_rule_gates(a, b, A_log, dt_bias)
+    has_state = torch.tensor([True, True, True])
+    accepted = torch.tensor([1, 2, 2])
+
+    def run(slots, pool, seqs):
+        # the batch restricted to sequences `seqs` (their tokens and metadata)
+        tok = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in seqs])
+        sub_cu = cu_seqlens([lengths[i] for i in seqs])
+        sl = slots[seqs]
+        if case == "conv_prefill":
+            return ops.dynamic_causal_conv(x[tok], kernels[tok], sub_cu, pool, sl, has_state[seqs])
+        if case == "conv_step":
+            return ops.dynamic_causal_conv_step(x[tok], kernels[tok], pool, sl)
+        if case == "conv_spec":
+            return ops.dynamic_causal_conv_spec_decode(x[tok], kernels[tok], sub_cu, pool, sl, accepted[seqs])
+        if case == "chunk_prefill":
+            return ops.chunk_gated_delta_rule(q[tok], k[tok], v[tok], g[tok], beta[tok], sub_cu, pool, sl,
+                                              has_state[seqs])
+        if case in ("recurrent_decode", "decode_with_cpp_op"):
+            return ops.gated_delta_rule_decode(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias, pool, sl)
+        return ops.fused_recurrent_gated_delta_rule_varlen(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias,
+                                                           sub_cu, pool, sl, accepted[seqs])
+
+    slots = torch.tensor([[4, 0], [PAD, PAD], [1, 5]]) if case == "recurrent_drafts" else torch.tensor([4, PAD, 1])
+    if case == "decode_with_cpp_op":
+        pool = pool.float()
+    padded_pool, reference_pool = pool.clone(), pool.clone()
+    out = run(slots, padded_pool, [0, 1, 2])
+    ref = run(slots, reference_pool, [0, 2])
+    # A padded batch never reaches vLLM's C++ decode op (it does not skip negative slots):
+    # the PyTorch step runs instead, so that case agrees with the unpadded run (which
+    # uses the op) to the op's bf16 roundings, not bit for bit.
+    tol = dict(atol=3e-2, rtol=3e-2) if case == "decode_with_cpp_op" else dict(atol=0, rtol=0)
+    torch.testing.assert_close(padded_pool, reference_pool, **tol)
+    real = torch.cat([torch.arange(cu[0], cu[1]), torch.arange(cu[2], cu[3])])
+    torch.testing.assert_close(out[real].float(), ref.float(), **tol)
+    changed = (padded_pool != pool).flatten(1).any(1)
+    assert changed[slots[[0, 2]].flatten()].all() and not changed[[2, 3]].any()

@@ -316,6 +316,33 @@ def test_dynamic_causal_conv_step_matches_naive(dtype):
     assert torch.equal(pool[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dynamic_causal_conv_spec_decode_matches_naive(dtype):
+    # sequences of 3, 1 and 2 tokens resuming after different accepted counts, one padded
+    gen = torch.Generator().manual_seed(4)
+    D, W, num_spec = 40, 4, 2
+    rows = W - 1 + num_spec
+    lengths, accepted = [3, 1, 2, 2], torch.tensor([2, 1, 3, 1], dtype=torch.int32)
+    cu = packed(lengths)
+    T = sum(lengths)
+    x, kernels = torch.randn(T, D, generator=gen).to(dtype), torch.randn(T, D, W, generator=gen).to(dtype)
+    pool = torch.randn(NUM_SLOTS, rows, D, generator=gen).to(dtype)
+    before = pool.clone()
+    slots = torch.tensor([7, 2, -1, 4], dtype=torch.int32)
+    out = triton_conv.dynamic_causal_conv_spec_decode(x, kernels, cu, pool, slots, accepted)
+    for i, slot in enumerate(slots.tolist()):
+        s, e = cu[i], cu[i + 1]
+        a = int(accepted[i])
+        history = before[slot, a - 1: a - 1 + W - 1] if slot >= 0 else torch.zeros(W - 1, D, dtype=dtype)
+        out_ref, _ = dynamic_causal_conv_naive(x[None, s:e], kernels[None, s:e], history[None])
+        assert_close(out[s:e], out_ref[0], dtype, f"out of sequence {i}")
+        if slot >= 0:  # row j: the W - 1 inputs ending at token j
+            inputs = torch.cat([history, x[s:e]])
+            assert torch.equal(pool[slot, : W - 2 + e - s], inputs[1:])
+    untouched = [j for j in range(NUM_SLOTS) if j not in (7, 2, 4)]
+    assert torch.equal(pool[untouched], before[untouched])
+
+
 # ----- gated RMSNorm ----------------------------------------------------------------------
 
 

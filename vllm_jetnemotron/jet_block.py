@@ -32,6 +32,7 @@ from vllm.model_executor.layers.mamba.mamba_utils import (
 )
 from vllm.model_executor.model_loader.weight_utils import sharded_weight_loader
 from vllm.model_executor.utils import set_weight_attrs
+from vllm.platforms import current_platform
 from vllm.utils.torch_utils import (
     LayerNameType,
     _encode_layer_name,
@@ -41,7 +42,8 @@ from vllm.utils.torch_utils import (
 from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
-from . import jet_ops
+from vllm_jetnemotron import kernels as ops
+
 from .config import JetNemotronConfig
 
 
@@ -111,6 +113,9 @@ class JetBlock(nn.Module, MambaBase):
             raise ValueError(f"Duplicate layer name: {prefix}")
         compilation_config.static_forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
+        self.conv_state_dim_first = is_conv_state_dim_first()  # fixed for the process
+        if current_platform.is_cpu():
+            ops.dispatch.prepare_cpu_kernels()
 
     # ----- MambaBase: what vLLM allocates for this layer --------------------------
 
@@ -139,11 +144,13 @@ class JetBlock(nn.Module, MambaBase):
         # [T, value_dim * W] -> [T, value_dim, W] (window index fastest)
         conv_kernels = conv_kernels.view(T, self.value_dim, self.conv_size)
 
+        # Zeros, not empty: rows the core does not write (padded tokens of a CUDA-graph
+        # batch, the profiling run) must not carry NaNs into o_proj (as in vLLM's GDN).
         core_out = torch.zeros(T, H, V, dtype=hidden_states.dtype, device=hidden_states.device)
-        # the gates g, beta are computed from the raw a, b inside the core (`jet_ops`)
+        # the gates g, beta are computed from the raw a, b inside the core
         torch.ops.vllm.jet_block_core(
             q, k, u, conv_kernels, a, b, core_out, _encode_layer_name(self.prefix))
-        out = jet_ops.gated_rmsnorm(core_out, z.view(T, H, V), self.o_norm_weight, self.norm_eps)
+        out = ops.gated_rmsnorm(core_out, z.view(T, H, V), self.o_norm_weight, self.norm_eps)
         # [T, H, V] -> [T, H * V]
         out, _ = self.o_proj(out.view(T, H * V))
         return out
@@ -162,16 +169,21 @@ class JetBlock(nn.Module, MambaBase):
         then prefills), reading and updating the states of each sequence's slot.
         a, b `[T, H]` are the raw gate projections (g and beta in `gated_delta_rule_gates`)."""
         attn_metadata = get_forward_context().attn_metadata
-        if not isinstance(attn_metadata, dict) or attn_metadata.get(self.prefix) is None:
+        meta = attn_metadata.get(self.prefix) if isinstance(attn_metadata, dict) else None
+        if meta is None:
             return  # profiling run: no states are bound yet
-        meta = attn_metadata[self.prefix]
         assert isinstance(meta, GDNAttentionMetadata)
         conv_state, recurrent_state = self.kv_cache
-        if is_conv_state_dim_first():
+        if self.conv_state_dim_first:
             conv_state = conv_state.transpose(-1, -2)  # [slots, dim, len] -> [slots, len, dim]
         inputs = (q, k, u, conv_kernels, a, b)
         if meta.spec_sequence_masks is None:
-            self._forward_decodes_and_prefills(meta, inputs, core_out, conv_state, recurrent_state)
+            if meta.num_decodes > 0:
+                n = meta.num_decodes  # one token each, first in the batch
+                core_out[:n] = self._forward_decodes(
+                    [x[:n] for x in inputs], meta.non_spec_state_indices_tensor[:n], conv_state, recurrent_state)
+            if meta.num_prefills > 0:
+                self._forward_plain_prefills(meta, inputs, core_out, conv_state, recurrent_state)
             return
         # Speculative decoding: draft sequences, plus prefills (never plain decodes).
         if meta.num_prefills == 0:
@@ -185,58 +197,49 @@ class JetBlock(nn.Module, MambaBase):
         core_out[spec_tokens] = self._forward_drafts(
             meta, [x[spec_tokens] for x in inputs], conv_state, recurrent_state)
 
-    def _forward_decodes_and_prefills(self, meta, inputs, core_out, conv_state, recurrent_state) -> None:
-        """Plain batches: `num_decodes` one-token decodes first, then the prefills."""
-        slots = meta.non_spec_state_indices_tensor
+    def _forward_decodes(self, inputs, slots, conv_state, recurrent_state) -> torch.Tensor:
+        """One token per sequence: the conv history shifts and the state updates in place."""
+        q, k, u, conv_kernels, a, b = inputs
+        v = ops.dynamic_causal_conv_step(u, conv_kernels, conv_state[:, : self.conv_size - 1], slots)
+        # [N, H * V] -> [N, H, V]
+        return ops.gated_delta_rule_decode(
+            q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
+            recurrent_state, slots)
+
+    def _forward_plain_prefills(self, meta, inputs, core_out, conv_state, recurrent_state) -> None:
+        """The prefills of a batch without drafts: after its `num_decodes` decode tokens."""
         num_decodes, num_decode_tokens = meta.num_decodes, meta.num_decode_tokens
-        if num_decodes > 0:
-            q, k, u, conv_kernels, a, b = (x[:num_decode_tokens] for x in inputs)
-            d_slots = slots[:num_decodes]
-            history = conv_state[:, : self.conv_size - 1]
-            v = jet_ops.dynamic_causal_conv_step(u, conv_kernels, history, d_slots)
-            # [N, H * V] -> [N, H, V]
-            core_out[:num_decode_tokens] = jet_ops.gated_delta_rule_decode(
-                q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
-                recurrent_state, d_slots)
-        if meta.num_prefills > 0:
-            p = slice(num_decode_tokens, num_decode_tokens + meta.num_prefill_tokens)
-            p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
-            cu_seqlens = meta.non_spec_query_start_loc[num_decodes:] - num_decode_tokens
-            core_out[p] = self._forward_prefills(
-                [x[p] for x in inputs], cu_seqlens, slots[p_seqs], meta.has_initial_state[p_seqs],
-                conv_state, recurrent_state)
+        p = slice(num_decode_tokens, num_decode_tokens + meta.num_prefill_tokens)
+        p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
+        cu_seqlens = meta.non_spec_query_start_loc[num_decodes:] - num_decode_tokens
+        core_out[p] = self._forward_prefills(
+            [x[p] for x in inputs], cu_seqlens, meta.non_spec_state_indices_tensor[p_seqs],
+            meta.has_initial_state[p_seqs], conv_state, recurrent_state)
 
     def _forward_prefills(self, inputs, cu_seqlens, slots, has_initial_state, conv_state,
                           recurrent_state) -> torch.Tensor:
         q, k, u, conv_kernels, a, b = inputs
-        g, beta = jet_ops.gated_delta_rule_gates(a, b, self.A_log, self.dt_bias)
+        g, beta = ops.gated_delta_rule_gates(a, b, self.A_log, self.dt_bias)
         history = conv_state[:, : self.conv_size - 1]  # prefills keep W - 1 inputs
-        v = jet_ops.dynamic_causal_conv(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
-        return jet_ops.chunk_gated_delta_rule(
+        v = ops.dynamic_causal_conv(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
+        return ops.chunk_gated_delta_rule(
             q, k, v.view(-1, self.num_heads, self.head_v_dim), g, beta, cu_seqlens,
             recurrent_state, slots, has_initial_state)
 
     def _forward_drafts(self, meta, inputs, conv_state, recurrent_state) -> torch.Tensor:
-        """Sequences verifying draft tokens: each starts from the states after the token
-        the previous step accepted last and keeps a state per draft position, so rejected
-        drafts never reach the state the next step resumes from."""
+        """Sequences verifying draft tokens, in one varlen call: each starts from the
+        states after the token the previous step accepted last and keeps a state per
+        draft position, so rejected drafts never reach the state the next step resumes
+        from. Sizes come from tensor shapes only (no host sync: CUDA-graph safe)."""
         q, k, u, conv_kernels, a, b = inputs
         n = meta.num_spec_decodes
         cu_seqlens = meta.spec_query_start_loc[: n + 1]
         slots = meta.spec_state_indices_tensor[:n]  # [N, 1 + num_spec]
         accepted = meta.num_accepted_tokens[:n]
-        v = jet_ops.dynamic_causal_conv_spec_decode(
-            u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
-        v = v.view(-1, self.num_heads, self.head_v_dim)
-        out = torch.empty_like(v)
-        bounds = cu_seqlens.tolist()
-        for i in range(n):  # sequences may verify different numbers of drafts
-            s, e = bounds[i], bounds[i + 1]
-            # [L, ...] -> [1, L, ...]
-            out[s:e] = jet_ops.fused_recurrent_gated_delta_rule_from_gates(
-                q[None, s:e], k[None, s:e], v[None, s:e], a[None, s:e], b[None, s:e], self.A_log,
-                self.dt_bias, recurrent_state, slots[i: i + 1], num_accepted_tokens=accepted[i: i + 1])[0]
-        return out
+        v = ops.dynamic_causal_conv_spec_decode(u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
+        return ops.fused_recurrent_gated_delta_rule_varlen(
+            q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
+            cu_seqlens, recurrent_state, slots, accepted)
 
 
 def jet_block_core(

@@ -1,11 +1,18 @@
 """vLLM plugin entry point (`vllm.general_plugins`): runs in every vLLM process."""
 
+# The JetBlock's stateful core (vllm_jetnemotron/jet_block.py). Like vLLM's own recurrent
+# ops it must split the compiled graph: piecewise CUDA graphs capture the code between
+# splitting ops with the metadata of the capture batch, and this op reads the metadata
+# of the batch at hand.
+JET_BLOCK_CORE_OP = "vllm::jet_block_core"
+
 
 def register() -> None:
     """Register the config with transformers' `AutoConfig`, the model with vLLM, and the
-    model's engine-config hook. Idempotent; imports no model code (loaded lazily)."""
+    model's engine-config hook; make the JetBlock core a splitting op. Idempotent; imports no model code (loaded lazily)."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.config import CompilationConfig
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import JetNemotronConfig
@@ -19,3 +26,6 @@ def register() -> None:
         ModelRegistry.register_model(
             "JetNemotronForCausalLM", "vllm_jetnemotron.model:JetNemotronForCausalLM")
     MODELS_CONFIG_MAP["JetNemotronForCausalLM"] = JetNemotronEngineConfig
+    if JET_BLOCK_CORE_OP not in CompilationConfig._attention_ops:
+        # the default splitting ops of every VLLM_COMPILE config built from now on
+        CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)

@@ -1,16 +1,22 @@
 """Dynamic causal convolution for vLLM on the CPU: varlen prefill and decode steps
-with conv states kept in a pool (time-first `[num_slots, W - 1, D]`, any strides)."""
+with conv states kept in a pool (time-first `[num_slots, W - 1 (+ drafts), D]`, any
+strides). A negative state index (vLLM's PAD_SLOT_ID) is neither read nor written.
+
+Two pieces are compiled on first use, each with an eager PyTorch fallback: the prefill
+convolution (Inductor) and the decode update (`cpu_update.cpp`, a small C++ op built by
+`torch.utils.cpp_extension`, updating the pool in place in one pass)."""
 
 import functools
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-# "0" keeps the prefill convolution in eager PyTorch (no Inductor compilation).
+# "0" keeps the CPU convolution in eager PyTorch (no Inductor, no C++ build).
 COMPILE_ENV = "JETNEMOTRON_CPU_CONV_COMPILE"
 
 
@@ -141,8 +147,10 @@ def _finish_sequence_edges(out, x, kernels, cu_seqlens, state_pool, state_indice
     starts = cu_seqlens[:-1].to(device=x.device, dtype=torch.long)
     lengths = cu_seqlens[1:].to(device=x.device, dtype=torch.long) - starts
     slots = state_indices.to(device=x.device, dtype=torch.long)
-    has_state = has_initial_state.to(device=x.device, dtype=torch.bool)
-    history = torch.where(has_state[:, None, None], state_pool[slots].to(x.dtype), 0.0)  # [B, W - 1, D]
+    padded = slots < 0  # neither read nor written
+    has_state = has_initial_state.to(device=x.device, dtype=torch.bool) & ~padded
+    # [B, W - 1, D]
+    history = torch.where(has_state[:, None, None], state_pool[slots.clamp_min(0)].to(x.dtype), 0.0)
 
     def inputs_at(positions: torch.Tensor) -> torch.Tensor:
         """Inputs at sequence-relative positions `[B, n]` (>= -(W - 1); negative: history)
@@ -169,8 +177,39 @@ def _finish_sequence_edges(out, x, kernels, cu_seqlens, state_pool, state_indice
 
     # New states: the last W - 1 inputs of each sequence (history rows when it is shorter).
     tail_positions = lengths[:, None] - (W - 1) + j  # [B, W - 1]
-    state_pool[slots] = inputs_at(tail_positions).to(state_pool.dtype)
+    tails = inputs_at(tail_positions).to(state_pool.dtype)
+    state_pool[slots[~padded]] = tails[~padded]
     return out
+
+
+@functools.cache
+def conv_update_op():
+    """`torch.ops.jetnemotron.dynamic_conv_update` (built from cpu_update.cpp on first
+    use, then cached by torch), or None where it cannot be built or is turned off
+    (`COMPILE_ENV`): then the eager PyTorch update runs, with a warning."""
+    if os.environ.get(COMPILE_ENV, "1") == "0":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name="jetnemotron_dynamic_conv_cpu",
+            sources=[str(Path(__file__).with_name("cpu_update.cpp"))],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+        return torch.ops.jetnemotron.dynamic_conv_update
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, ...: stay eager
+        logger.warning("dynamic conv: the C++ decode update could not be built (%s); "
+                       "using the eager PyTorch update", error)
+        return None
+
+
+def _applies(op, x: torch.Tensor, kernels: torch.Tensor, state_pool: torch.Tensor) -> bool:
+    return (op is not None and x.device.type == "cpu" and x.stride(-1) == 1 and kernels.is_contiguous()
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and kernels.dtype == x.dtype
+            and state_pool.dtype in (x.dtype, torch.float32))
 
 
 def dynamic_causal_conv_step(
@@ -179,12 +218,22 @@ def dynamic_causal_conv_step(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode token per sequence: x `[N, D]`, kernels `[N, D, W]`, slots `[N]`.
-    Shifts each sequence's state by one token in place. Returns out `[N, D]`."""
-    history = state_pool[state_indices].to(x.dtype)  # [N, W - 1, D]
+    """One decode token per sequence: x `[N, D]`, kernels `[N, D, W]`, slots `[N]`,
+    state_pool `[num_slots, >= W - 1, D]` (its first W - 1 rows are the history). Shifts
+    each sequence's history by one token in place. Returns out `[N, D]`."""
+    op = conv_update_op()
+    if _applies(op, x, kernels, state_pool):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        op(x, kernels, state_pool, state_indices, None, None, out)
+        return out
+    W = kernels.shape[-1]
+    slots = state_indices.long()
+    valid = slots >= 0
+    # [N, W - 1, D]; a padded sequence starts from zeros
+    history = torch.where(valid[:, None, None], state_pool[slots.clamp_min(0), : W - 1].to(x.dtype), 0.0)
     window = torch.cat([history, x[:, None]], dim=1)  # [N, W, D]
     out = F.silu(torch.einsum("nwd,ndw->nd", window.float(), kernels.float())).to(x.dtype)
-    state_pool[state_indices] = window[:, 1:].to(state_pool.dtype)
+    state_pool[slots[valid], : W - 1] = window[valid, 1:].to(state_pool.dtype)
     return out
 
 
@@ -206,18 +255,25 @@ def dynamic_causal_conv_spec_decode(
     whichever of them the next step accepts (vLLM's conv-state convention).
     Returns out `[T, D]` (SiLU applied) in x's dtype.
     """
+    op = conv_update_op()
+    if _applies(op, x, kernels, state_pool):
+        out = torch.empty(x.shape, dtype=x.dtype)
+        op(x, kernels, state_pool, state_indices, cu_seqlens, num_accepted_tokens, out)
+        return out
     W = kernels.shape[-1]
     out = torch.empty_like(x)
     bounds = cu_seqlens.tolist()
     accepted = num_accepted_tokens.tolist()
     for i, slot in enumerate(state_indices.tolist()):
         start, end = bounds[i], bounds[i + 1]
-        buffer = state_pool[slot]  # [W - 1 + num_spec, D], a view into the pool
+        buffer = state_pool[slot] if slot >= 0 else None  # [W - 1 + num_spec, D], a view into the pool
         offset = accepted[i] - 1
-        history = buffer[offset: offset + W - 1].to(x.dtype)
+        history = (buffer[offset: offset + W - 1].to(x.dtype) if buffer is not None
+                   else x.new_zeros(W - 1, x.shape[1]))  # padded: zero history, nothing written
         inputs = torch.cat([history, x[start:end]])  # [W - 1 + L, D]
         windows = inputs.unfold(0, W, 1)  # [L, D, W]
         out[start:end] = F.silu(torch.einsum("ldw,ldw->ld", windows.float(), kernels[start:end].float())).to(x.dtype)
-        shifted = inputs[1:]  # row j: the W - 1 inputs ending at token j
-        buffer[: shifted.shape[0]] = shifted.to(buffer.dtype)
+        if buffer is not None:
+            shifted = inputs[1:]  # row j: the W - 1 inputs ending at token j
+            buffer[: shifted.shape[0]] = shifted.to(buffer.dtype)
     return out

@@ -268,3 +268,96 @@ def dynamic_causal_conv_step(
         x.stride(0), *state_pool.stride(), D,
         W=W, BW=triton.next_power_of_2(W), BD=BD)
     return out
+
+
+@triton.jit
+def dynamic_causal_conv_spec_decode_kernel(
+    x,  # [T, D], row stride stride_x_n
+    kernels,  # [T, D, W] contiguous
+    out,  # [T, D] contiguous
+    state_pool,  # [num_slots, R, D] history buffers (R = W - 1 + drafts), any strides
+    state_indices,  # [N]
+    query_start_loc,  # [N + 1]
+    num_accepted_tokens,  # [N]
+    stride_x_n,
+    stride_pool_slot,
+    stride_pool_t,
+    stride_pool_d,
+    D,
+    W: tl.constexpr,
+    MAX_LEN: tl.constexpr,  # most tokens of one sequence (R - W + 2)
+    BR: tl.constexpr,  # >= W - 1 + MAX_LEN
+    BD: tl.constexpr,
+):
+    i_d, i_n = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    slot = tl.load(state_indices + i_n).to(tl.int64)
+    d_valid = tl.where(slot >= 0, D, 0)  # PAD slot: zero history, no write
+    start = tl.load(query_start_loc + i_n).to(tl.int64)
+    L = tl.load(query_start_loc + i_n + 1).to(tl.int64) - start
+    h = tl.load(num_accepted_tokens + i_n).to(tl.int64) - 1  # first history row of this step
+    o_r = tl.arange(0, BR)  # input index: < W - 1 history, then this step's tokens
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    p_pool = state_pool + slot * stride_pool_slot + o_d[None, :] * stride_pool_d  # [1, BD]
+    p_x = x + start * stride_x_n + o_d[None, :]  # [1, BD]
+
+    history_rows = (o_r < W - 1)[:, None] & (o_d < d_valid)[None, :]
+    x_rows = ((o_r >= W - 1) & (o_r < W - 1 + L))[:, None] & m_d[None, :]
+    b_in = tl.load(p_pool + (h + o_r)[:, None] * stride_pool_t, mask=history_rows, other=0.0)
+    b_in = b_in.to(x.dtype.element_ty).to(tl.float32) + tl.load(
+        p_x + (o_r - (W - 1))[:, None] * stride_x_n, mask=x_rows, other=0.0).to(tl.float32)
+    for t in range(MAX_LEN):
+        # out_t = sum_w kernels_t[:, w] * in[t + w]: the taps laid on input rows t .. t + W - 1
+        # token t beyond this sequence's L: no taps, no store (scalar conditions folded
+        # into bounds so that masks stay tensors)
+        d_active = tl.where(t < L, D, 0)
+        taps = (o_r >= t) & (o_r < t + W)
+        b_k = tl.load(kernels + ((start + t) * D + o_d[None, :]) * W + (o_r - t)[:, None],
+                      mask=taps[:, None] & (o_d < d_active)[None, :], other=0.0).to(tl.float32)
+        b_acc = tl.sum(b_in * b_k, axis=0)  # [BD]
+        tl.store(out + (start + t) * D + o_d, (b_acc * tl.sigmoid(b_acc)).to(out.dtype.element_ty),
+                 mask=o_d < d_active)
+
+    # afterwards buffer row r = in[r + 1], r < W - 2 + L
+    nxt = o_r + 1
+    b_next = tl.load(p_pool + (h + nxt)[:, None] * stride_pool_t,
+                     mask=(nxt < W - 1)[:, None] & (o_d < d_valid)[None, :], other=0.0)
+    b_next = b_next.to(x.dtype.element_ty).to(tl.float32) + tl.load(
+        p_x + (nxt - (W - 1))[:, None] * stride_x_n,
+        mask=((nxt >= W - 1) & (nxt < W - 1 + L))[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    tl.debug_barrier()  # all rows read before any is overwritten
+    tl.store(p_pool + o_r[:, None] * stride_pool_t, b_next.to(state_pool.dtype.element_ty),
+             mask=(o_r < W - 2 + L)[:, None] & (o_d < d_valid)[None, :])
+
+
+def dynamic_causal_conv_spec_decode(
+    x: torch.Tensor,
+    kernels: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """Speculative-decoding step (Triton), the semantics of
+    `cpu.dynamic_causal_conv_spec_decode`: x `[T, D]`, kernels `[T, D, W]`, sequence i is
+    `cu_seqlens[i]:cu_seqlens[i+1]`, its history buffer `state_pool[state_indices[i]]`
+    `[W - 1 + num_spec, D]` read from row `num_accepted_tokens[i] - 1`. No host sync:
+    the most tokens per sequence is the buffer's `num_spec + 1`. Returns out `[T, D]`."""
+    T, D = x.shape
+    W = kernels.shape[-1]
+    N = state_indices.shape[0]
+    R = state_pool.shape[1]
+    if kernels.shape != (T, D, W) or state_pool.dim() != 3 or state_pool.shape[2] != D or R < W - 1:
+        raise ValueError(f"dynamic_causal_conv_spec_decode: expected kernels [{T}, {D}, W] and state_pool "
+                         f"[num_slots, >= W - 1, {D}]; got {tuple(kernels.shape)}, {tuple(state_pool.shape)}")
+    x, kernels = _row_major(x), kernels.contiguous()
+    out = torch.empty(T, D, dtype=x.dtype, device=x.device)
+    if N == 0:
+        return out
+    max_len = R - W + 2
+    BD = min(64, triton.next_power_of_2(D))
+    dynamic_causal_conv_spec_decode_kernel[(triton.cdiv(D, BD), N)](
+        x, kernels, out, state_pool, state_indices.contiguous(), cu_seqlens.contiguous(),
+        num_accepted_tokens.contiguous(), x.stride(0), *state_pool.stride(), D,
+        W=W, MAX_LEN=max_len, BR=triton.next_power_of_2(W - 1 + max_len), BD=BD)
+    return out

@@ -168,7 +168,8 @@ def chunk_gated_delta_rule(
             sequences packed back to back, sequence i is `cu_seqlens[i]:cu_seqlens[i+1]`.
         state_pool: `[num_slots, H, K, V]`; sequence i starts from
             `state_pool[state_indices[i]]` if `has_initial_state[i]` (else zeros) and its
-            final state is written back there.
+            final state is written back there; a negative index (PAD_SLOT_ID) is neither
+            read nor written.
         chunk_size: tokens per chunk (32: the fastest on CPUs measured, bench/kernels_cpu.py).
     Returns:
         o `[T, H, V]` in v's dtype.
@@ -185,9 +186,10 @@ def chunk_gated_delta_rule(
     num_chunks = [-(-lengths[i] // C) for i in order]
     order_t = torch.tensor(order, dtype=torch.long, device=device)
     slots = state_indices.to(device=device, dtype=torch.long)[order_t]
-    has_state = has_initial_state.to(device=device, dtype=torch.bool)[order_t]
+    padded = slots < 0  # PAD_SLOT_ID: neither read nor written
+    has_state = has_initial_state.to(device=device, dtype=torch.bool)[order_t] & ~padded
     # states of the sequences, longest first: [num_seqs, H, K, V] float32
-    states = torch.where(has_state[:, None, None, None], state_pool[slots].float(), 0.0)
+    states = torch.where(has_state[:, None, None, None], state_pool[slots.clamp_min(0)].float(), 0.0)
     starts = torch.tensor([bounds[i] for i in order], dtype=torch.long, device=device)
     ends = torch.tensor([bounds[i + 1] for i in order], dtype=torch.long, device=device)
     out = torch.empty(T_total + 1, H, V, dtype=v.dtype, device=device)  # last row: sink for padding
@@ -213,5 +215,5 @@ def chunk_gated_delta_rule(
         o = torch.empty(o.shape, dtype=out.dtype, device=device).copy_(o).view(-1, H, V)
         out.index_copy_(0, dst.flatten(), o)
         position += width
-    state_pool[slots] = states.to(state_pool.dtype)
+    state_pool[slots[~padded]] = states[~padded].to(state_pool.dtype)
     return out[:T_total]

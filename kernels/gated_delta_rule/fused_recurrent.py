@@ -45,7 +45,8 @@ def fused_recurrent_gated_delta_rule(
         state_pool: `[num_slots, H, K, V]`.
         state_indices: `[N]` one slot per sequence (read, then overwritten with the state
             after its last token), or `[N, >= L]`: read from `[:, 0]`, the state after token
-            j written to `[:, j]` (speculative decoding keeps every draft position).
+            j written to `[:, j]` (speculative decoding keeps every draft position). A
+            negative slot (PAD_SLOT_ID) is neither read (zeros instead) nor written.
         num_accepted_tokens: `[N]`, with per-token indices only: sequence n starts from slot
             `state_indices[n, num_accepted_tokens[n] - 1]`, the state after the last draft
             token the previous step accepted (vLLM's speculative-decoding layout).
@@ -67,8 +68,6 @@ def fused_recurrent_gated_delta_rule(
     q = q * scale
     per_token_slots = state_indices.dim() == 2
     state_indices = state_indices.to(device=q.device, dtype=torch.long)
-    # a negative slot counts from the end of the pool, as in `state_pool[slot]`
-    state_indices = torch.where(state_indices < 0, state_indices + state_pool.shape[0], state_indices)
     if num_accepted_tokens is not None:
         if not per_token_slots:
             raise ValueError("num_accepted_tokens needs per-token state_indices [N, L], "
@@ -88,8 +87,10 @@ def fused_recurrent_gated_delta_rule(
     for n0 in range(0, N, block):
         n1 = min(n0 + block, N)
         BH = (n1 - n0) * H
-        # [n, H, K, V] -> [n * H, K, V]
-        S = state_pool.index_select(0, read_slots[n0:n1]).float().view(BH, K, V)
+        reads = read_slots[n0:n1]
+        # [n, H, K, V] -> [n * H, K, V]; a padded sequence (negative slot) starts from zeros
+        S = state_pool.index_select(0, reads.clamp_min(0)).float()
+        S = torch.where((reads >= 0)[:, None, None, None], S, 0.0).view(BH, K, V)
         for t in range(L):
             d = decay[n0:n1, t].reshape(BH, 1)
             proj = torch.bmm(kq[n0:n1, t].reshape(BH, 2, K), S)  # [n * H, 2, V]: S^T k, S^T q
@@ -99,7 +100,9 @@ def fused_recurrent_gated_delta_rule(
             if per_token_slots or t == L - 1:
                 # [n * H, K, V] -> [n, H, K, V]
                 column = t if per_token_slots else 0
-                state_pool.index_copy_(0, write_slots[n0:n1, column], S.view(n1 - n0, H, K, V).to(state_pool.dtype))
+                writes = write_slots[n0:n1, column]
+                kept = (writes >= 0).nonzero()[:, 0]  # padded slots are not written
+                state_pool.index_copy_(0, writes[kept], S.view(n1 - n0, H, K, V)[kept].to(state_pool.dtype))
     return out.to(out_dtype)
 
 
