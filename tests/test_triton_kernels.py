@@ -19,6 +19,7 @@ import os
 # then builds interpreted kernels that run on CPU tensors.
 os.environ["TRITON_INTERPRET"] = "1"
 
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -527,6 +528,65 @@ def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
     assert torch.equal(c1, c2)
     z, w = torch.randn(9, V, generator=gen), torch.randn(V, generator=gen)
     assert torch.equal(dispatch.gated_rmsnorm(v[:, 0], z, w, 1e-6), gated_rmsnorm_naive(v[:, 0], z, w, 1e-6))
+
+
+@contextlib.contextmanager
+def host_syncs_forbidden():
+    """Tensor-to-Python conversions raise: on a GPU each is a host sync, which a CUDA
+    graph capture refuses (the interpreter itself needs none of them)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("host sync on the GPU path")
+
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    for name in names:
+        setattr(torch.Tensor, name, refuse)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def test_gpu_decode_and_speculative_steps_make_no_host_sync(monkeypatch):
+    # The dispatch routed as on a GPU (Triton kernels, here interpreted), through every
+    # op of a decode and a speculative-decode step as the JetBlock calls them, with
+    # padded slots; the results equal the CPU implementations'.
+    gen = torch.Generator().manual_seed(43)
+    K, V, W, num_spec = 16, 32, 4, 2
+    D = H * V
+    q, k, v, _, _ = gdn_inputs((7,), K, V, torch.float32, gen)
+    a, b = torch.randn(7, H, generator=gen), torch.randn(7, H, generator=gen)
+    A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
+    x, kernels = torch.randn(7, D, generator=gen), torch.randn(7, D, W, generator=gen)
+    z, w = torch.randn(7, H, V, generator=gen), torch.randn(V, generator=gen)
+    pool = state_pool(NUM_SLOTS, K, V, torch.float32, gen)
+    cpool = torch.randn(NUM_SLOTS, W - 1 + num_spec, D, generator=gen)
+    slots = torch.tensor([3, -1, 5], dtype=torch.int32)
+    spec_slots = torch.tensor([[0, 1, 2], [-1, -1, -1], [6, 7, 8]], dtype=torch.int32)
+    cu, accepted = packed([3, 1, 3]), torch.tensor([2, 1, 3], dtype=torch.int32)
+
+    def step(dispatch_on_gpu):
+        monkeypatch.setattr(dispatch, "_on_gpu", lambda t: dispatch_on_gpu)
+        p, c = pool.clone(), cpool.clone()
+        outs = [dispatch.dynamic_causal_conv_step(x[:3], kernels[:3], c[:, : W - 1], slots)]
+        outs.append(dispatch.gated_delta_rule_decode(q[:3], k[:3], v[:3], a[:3], b[:3], A_log, dt_bias, p, slots))
+        vs = dispatch.dynamic_causal_conv_spec_decode(x, kernels, cu, c, spec_slots[:, 0], accepted)
+        outs.append(vs)
+        outs.append(dispatch.fused_recurrent_gated_delta_rule_varlen(
+            q, k, vs.view(7, H, V), a, b, A_log, dt_bias, cu, p, spec_slots, accepted))
+        outs.append(dispatch.gated_rmsnorm(outs[-1], z, w, 1e-5))
+        return outs, p, c
+
+    with host_syncs_forbidden():
+        gpu_outs, gpu_pool, gpu_cpool = step(True)
+    cpu_outs, cpu_pool, cpu_cpool = step(False)
+    real = [0, 1, 2, 4, 5, 6]  # tokens of the unpadded sequences of the speculative step
+    for i, (g_out, c_out) in enumerate(zip(gpu_outs, cpu_outs)):
+        rows = [0, 2] if i < 2 else real
+        assert_close(g_out[rows], c_out[rows], torch.float32, f"output {i}")
+    assert_close(gpu_pool, cpu_pool, torch.float32, "recurrent states")
+    assert_close(gpu_cpool, cpu_cpool, torch.float32, "conv histories")
 
 
 if RUN_IN_SUBPROCESS:
