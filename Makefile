@@ -59,3 +59,14 @@ $(DEMO_MODEL): | setup
 	$(PY) -m vllm_jetnemotron.converter recipes/demo.yaml --teacher $(DEMO_TEACHER) \
 		--data models/demo-corpus --workdir models/demo-work --out $@ && \
 	echo "make demo-model: $$(( $$(date +%s) - start )) s (teacher pretraining + conversion)"
+
+# On a CUDA machine with only PyTorch and Triton (no setup, no .venv, nothing downloaded):
+# every check that fits in 10 minutes, results in bench/results/gpu_check/ (summary.json and
+# a log per part). FLA_DIR: vLLM's flash-linear-attention ops folder, the second oracle (default:
+# the installed vllm's, if any); GPU_CHECK_ARGS: more options (python3 bench/gpu_check.py --help).
+FLA_DIR ?=
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) bench/gpu_check.py $(if $(FLA_DIR),--fla-dir $(FLA_DIR)) $(GPU_CHECK_ARGS)
