@@ -7,17 +7,18 @@ sequences of lengths 1, 5, 64, 65, 130 (crossing the 64-token chunks); with and 
 initial states; float32 and bfloat16 inputs. Shapes are small: the interpreter runs
 every program one after another in NumPy.
 
-TRITON_INTERPRET is set when this module is imported. If triton was already imported in
-the same pytest process (vLLM imports it while other test modules are collected), the
-tests are run once in a pytest subprocess on this file and each reports its outcome from
-there (see RUN_IN_SUBPROCESS).
+The tests run once in a pytest subprocess on this file with TRITON_INTERPRET=1, and
+each test of the main process reports its outcome from there (see RUN_IN_SUBPROCESS):
+the setting must be made before triton is imported, and must not reach the vLLM engines
+other test modules start in the main process (on a GPU they run compiled Triton).
 """
 
 import os
 
-# Before triton is imported: @triton.jit reads this when it decorates a function, and
-# then builds interpreted kernels that run on CPU tensors.
-os.environ["TRITON_INTERPRET"] = "1"
+# The tests run in a pytest subprocess on this file with TRITON_INTERPRET=1 set before
+# triton is imported (@triton.jit then builds interpreted kernels that run on CPU
+# tensors); the setting never enters the main test process, whose vLLM engines (on a
+# GPU: compiled Triton) must not inherit it. See RUN_IN_SUBPROCESS.
 
 import contextlib  # noqa: E402
 import functools  # noqa: E402
@@ -48,13 +49,12 @@ from vllm_jetnemotron.kernels.gated_delta_rule.naive import naive_recurrent_gate
 from vllm_jetnemotron.kernels.gated_rmsnorm import triton_norm  # noqa: E402
 from vllm_jetnemotron.kernels.gated_rmsnorm.naive import gated_rmsnorm_naive  # noqa: E402
 
-# If triton was imported before this module in the same process (vLLM imports it while
-# other test modules are collected), its own library functions (tl.sigmoid, tl.cdiv, ...)
-# and the kernels were built for compilation and cannot run on CPU tensors. Then every
-# test of this module runs once in a fresh interpreter (a pytest subprocess on this file)
-# and each test here reports its own outcome from that run.
+# Every test of this module runs once in a fresh interpreter (a pytest subprocess on this
+# file, TRITON_INTERPRET=1) and each test here reports its own outcome from that run.
 _SUBPROCESS_FLAG = "JETNEMOTRON_TRITON_TESTS_IN_SUBPROCESS"
-RUN_IN_SUBPROCESS = isinstance(tl.sigmoid, JITFunction) and not os.environ.get(_SUBPROCESS_FLAG)
+RUN_IN_SUBPROCESS = not os.environ.get(_SUBPROCESS_FLAG)
+if not RUN_IN_SUBPROCESS:
+    assert os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.sigmoid, JITFunction)
 
 
 @functools.cache
