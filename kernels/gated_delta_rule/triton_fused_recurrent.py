@@ -2,7 +2,7 @@
 `fused_recurrent.fused_recurrent_gated_delta_rule`: N sequences of L tokens each (L = 1
 for plain decode, L > 1 for speculative decoding), states updated in place in the pool.
 
-One program per (V-block, sequence x head) holds the state tile `S [BK, BV]` (float32)
+One program per (sequence x head, V-block) holds the state tile `S [BK, BV]` (float32)
 and steps through the L tokens:
 
     S = exp(g_t) S;   S = S + beta_t k_t (v_t - S^T k_t)^T;   o_t = S^T (q_t * scale)
@@ -52,7 +52,7 @@ def fused_recurrent_gated_delta_rule_fwd_kernel(
     PER_TOKEN_SLOTS: tl.constexpr,
     USE_NUM_ACCEPTED: tl.constexpr,
 ):
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # N * H on axis 0: CUDA caps axis 1 at 65535
     i_n, i_h = i_nh // H, i_nh % H
     i_n = i_n.to(tl.int64)
 
@@ -143,7 +143,7 @@ def _launch(q, k, v, g, beta, a, b, A_log, dt_bias, state_pool, state_indices, s
         stride_indices_n, stride_indices_l = state_indices.stride(0), 0
     else:
         stride_indices_n, stride_indices_l = state_indices.stride()
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = (N * H, triton.cdiv(V, BV))
     fused_recurrent_gated_delta_rule_fwd_kernel[grid](
         q, k, v, g, beta, a, b, A_log, dt_bias, o,
         state_pool, state_indices, num_accepted_tokens,
