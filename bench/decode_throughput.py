@@ -1,45 +1,55 @@
-"""Decode throughput of Jet-Nemotron vs its full-attention twin, side by side in vLLM.
+"""Decode throughput of Jet-Nemotron, its full-attention twin and vLLM's own GDN hybrid, side by
+side in vLLM (same dims, bf16, dummy weights, same KV/state budget).
 
-    .venv/bin/python bench/decode_throughput.py            # what `make bench` runs
-    .venv/bin/python bench/decode_throughput.py --help     # sizes, lengths, batch, budget
+    .venv/bin/python bench/decode_throughput.py                  # what `make bench` runs
+    .venv/bin/python bench/decode_throughput.py --profile        # per-op time of one decode step
+    .venv/bin/python bench/decode_throughput.py --help
 
-Two models with dummy (random) weights, both in bfloat16, both served by vLLM:
+Three models, one engine after the other:
 
-* **jet**: the official Jet-Nemotron-2B layer pattern (28 layers; `attn` at 14 and 19,
-  `swa` at 20 and 21 with a 1152-token window, JetBlocks elsewhere) with the official
-  JetBlock dims (12 heads, K = 96, V = 256, conv 4), served by this plugin;
-* **twin**: the same hidden/MLP/depth with full attention in every layer, served by
-  vLLM's own `Qwen2ForCausalLM`.
+* **jet**: Jet-Nemotron (JetBlocks + a few `attn` / `swa` layers), served by this plugin;
+* **twin**: the same hidden/MLP/depth with full attention in every layer (vLLM's
+  `Qwen2ForCausalLM`);
+* **hybrid**: vLLM's own gated-delta-net hybrid `Qwen3NextForCausalLM` with the same full
+  attention layers, GDN layers (K = V = 128) in place of the JetBlocks and SWA layers, dense
+  MLPs (vLLM insists on one MoE layer: in the last one the dense MLP is the shared expert, beside
+  a single 128-wide routed expert) and as many GDN heads as give the same recurrent state
+  bytes as a JetBlock (`--gdn-heads` to change).
 
-`--scale S` divides the hidden size, the MLP size and the attention heads by S (attention
-head_dim stays 128, or 64 where 128 does not divide; the JetBlock dims never change) so the
-run fits a small machine; the scale is printed and recorded.
+`--layout bench` (default): hidden 1024, 12 layers (Jet: 9 JetBlocks with 8 heads, K = 96,
+V = 256, conv 4, `attn` at 6 and 8, `swa` at 9). `--layout 2b --scale S`: the official
+Jet-Nemotron-2B layer pattern (28 layers) with its width divided by S.
 
-For each prompt length, a fixed batch of random-token prompts is prefilled and then
-decoded greedily (`ignore_eos`). Decode throughput = tokens generated after the step in
-which the last sequence of the batch received its first token / time of those steps,
-from vLLM's engine-core step timestamps: only pure-decode steps with the whole batch
-running are counted, no prefill.
+Per prompt length: one shared random prompt is prefilled alone (prefill tokens/s; each length's
+prompt extends the previous length's, so only the new tokens are computed), then a batch of
+requests, each that prompt plus a short distinct suffix, runs with prefix caching on (the prompt
+comes from the cache; the hits are recorded) and is decoded greedily with `ignore_eos`. Decode
+throughput = tokens generated over `--decode-steps` steps in which every sequence of the batch
+decodes / time of those steps, from vLLM's engine-core step timestamps.
 
-Capacity: both engines get the same KV/state budget (`kv_cache_memory_bytes`). For
-each prompt+decode length, the largest batch that fits is vLLM's own number
-(`get_max_concurrency_for_kv_cache_config` on the engine's KV cache config, evaluated
-at that length inside the worker), cross-checked against the bytes one sequence needs.
+Each model runs in its own spawned process with vLLM's engine core in that process (one at a
+time; all memory returned between models): with the multiprocess engine core the first request
+after the shared prompt's prefill found none of its cached recurrent states.
 
-Writes bench/results/decode_throughput.json and bench/results/decode_throughput.png.
+Capacity: for each sequence length, the largest batch of distinct sequences each engine fits in
+the same `--kv-bytes` (vLLM's `get_max_concurrency_for_kv_cache_config` evaluated in the worker),
+cross-checked against the bytes one sequence needs.
+
+Writes bench/results/decode_throughput.json and .png; `--profile` writes
+bench/results/decode_profile.json instead (see bench/decode_profile.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import json
-import math
 import os
 import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 # Plain-data results of a worker-side function come back through vLLM's RPC; sending the
@@ -50,76 +60,176 @@ os.environ.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FULL_HIDDEN, FULL_INTERMEDIATE, FULL_HEADS, FULL_KV_HEADS = 1536, 8960, 12, 2
 VOCAB = 151936
+MODELS = ("jet", "twin", "hybrid")
+LABELS = {"jet": "Jet-Nemotron (this plugin)", "twin": "full-attention twin (Qwen2)",
+          "hybrid": "GDN hybrid (vLLM Qwen3-Next)"}
+MOE_INTERMEDIATE = 128  # the hybrid's one routed expert (see write_models)
+GDN_HEAD_DIM = 128  # vLLM's CPU GDN ops take K = V in {64, 128}; Qwen3-Next uses 128
+DEFAULT_LENGTHS = [8192, 32768, 65536]
+PROFILE_LENGTHS = [8192]
 
 
-# ----- model folders -----------------------------------------------------------------
+# ----- layouts and model folders -------------------------------------------------------
 
 
-def shrunk_dims(scale: int) -> dict:
-    """Hidden, MLP and attention heads of the 2B divided by `scale`, keeping the 6:1
-    query:KV head ratio and an attention head_dim vLLM's CPU backend supports."""
+def _round_up(x: float, m: int) -> int:
+    return int(-(-x // m) * m)
+
+
+def bench_layout() -> dict:
+    """Hidden 1024, 12 layers; the 2B's MLP:hidden ratio (8960:1536) rounded up to a multiple
+    of 128; attention heads of 128 with 4 query heads per KV head; full attention at the 2B's
+    relative depths (14/28 -> 6, 19/28 -> 8) and its first SWA layer (20/28 -> 9)."""
+    hidden = 1024
+    layer_types = ["jet"] * 6 + ["attn", "jet", "attn", "swa", "jet", "jet"]
+    return dict(
+        name="bench", hidden_size=hidden,
+        intermediate_size=_round_up(hidden * FULL_INTERMEDIATE / FULL_HIDDEN, 128),
+        num_attention_heads=8, num_key_value_heads=2, head_dim=128,
+        layer_types=layer_types,
+        efficient_attention_config={
+            "jet": {"num_heads": 8, "head_dim": 96, "expand_v": 2.6666666667, "conv_size": 4,
+                    "dconv_generator_reduction": 8, "norm_eps": "1e-5"},
+            "swa": {"window_size": 1152}},
+    )
+
+
+def official_layout(scale: int) -> dict:
+    """The official 2B layer pattern and JetBlock dims, hidden/MLP/attention heads divided by
+    `scale` keeping the 12:2 query:KV head ratio (head_dim 128, or 64 where 128 does not fit)."""
+    from vllm_jetnemotron.converter.random_checkpoint import official_config
+
     hidden = FULL_HIDDEN // scale
     if hidden * scale != FULL_HIDDEN or FULL_INTERMEDIATE % scale:
         raise ValueError(f"--scale {scale} does not divide hidden 1536 and MLP 8960")
+    official = official_config("2b")
     for head_dim in (128, 64):
         heads = hidden // head_dim
         kv_heads = heads * FULL_KV_HEADS // FULL_HEADS
         if heads * head_dim == hidden and kv_heads >= 1 and kv_heads * FULL_HEADS == heads * FULL_KV_HEADS:
-            return dict(hidden_size=hidden, intermediate_size=FULL_INTERMEDIATE // scale,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
-    raise ValueError(f"--scale {scale}: no attention head_dim in (128, 64) keeps the 12:2 head ratio "
-                     f"at hidden {hidden}; use 1, 2 or 4")
+            return dict(name=f"2b/{scale}", hidden_size=hidden,
+                        intermediate_size=FULL_INTERMEDIATE // scale,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        layer_types=list(official.layer_types),
+                        efficient_attention_config=official.efficient_attention_config)
+    raise ValueError(f"--scale {scale}: no attention head_dim in (128, 64) keeps the 12:2 head ratio")
 
 
-def write_model_folders(root: Path, scale: int, max_len: int):
+def jet_config(layout: dict, max_len: int):
     from vllm_jetnemotron.config import JetNemotronConfig
-    from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, official_config
+    from vllm_jetnemotron.converter.random_checkpoint import official_config
 
-    dims = shrunk_dims(scale)
-    arch = {k: dims[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
-                                  "num_key_value_heads")}
-    official = official_config("2b")
-    jet_cfg = JetNemotronConfig(**{**official.to_dict(), **arch})
-    assert jet_cfg.head_dim == dims["head_dim"]
-    jet_dir = root / "jet"
-    jet_dir.mkdir(parents=True)
-    jet_cfg.save_pretrained(jet_dir)
-    copy_tokenizer(jet_dir)
+    fields = {k: layout[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                     "num_key_value_heads", "layer_types", "efficient_attention_config")}
+    base = official_config("2b").to_dict()
+    cfg = JetNemotronConfig(**{**base, **fields, "num_hidden_layers": len(layout["layer_types"]),
+                               "max_position_embeddings": max(base["max_position_embeddings"], max_len)})
+    assert cfg.head_dim == layout["head_dim"], (cfg.head_dim, layout)
+    return cfg
 
-    twin_cfg = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        **arch,
-        "num_hidden_layers": jet_cfg.num_hidden_layers,
+
+def default_gdn_heads(jet_cfg) -> int:
+    """GDN heads (K = V = 128) whose recurrent state has the bytes of one JetBlock's."""
+    d = jet_cfg.jet_dims
+    return max(1, round(d.num_heads * d.head_k_dim * d.head_v_dim / GDN_HEAD_DIM ** 2))
+
+
+def write_models(root: Path, layout: dict, max_len: int, gdn_heads: int | None):
+    from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer
+
+    jet_cfg = jet_config(layout, max_len)
+    n_layers = jet_cfg.num_hidden_layers
+    common = {
         "vocab_size": VOCAB,
+        "hidden_size": jet_cfg.hidden_size,
+        "intermediate_size": jet_cfg.intermediate_size,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": jet_cfg.num_attention_heads,
+        "num_key_value_heads": jet_cfg.num_key_value_heads,
         "hidden_act": "silu",
         "rms_norm_eps": jet_cfg.rms_norm_eps,
         "rope_theta": jet_cfg.rope_parameters["rope_theta"],
-        "tie_word_embeddings": True,
         "max_position_embeddings": max(32768, max_len),
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "max_window_layers": jet_cfg.num_hidden_layers,
         "attention_dropout": 0.0,
         "bos_token_id": 151643,
         "eos_token_id": 151643,
         "torch_dtype": "bfloat16",
     }
-    twin_dir = root / "twin"
-    twin_dir.mkdir(parents=True)
-    (twin_dir / "config.json").write_text(json.dumps(twin_cfg, indent=2))
-    copy_tokenizer(twin_dir)
-    return jet_dir, twin_dir, jet_cfg, twin_cfg, dims
+    twin_cfg = {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
+        "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None,
+        "max_window_layers": n_layers,
+    }
+    heads = gdn_heads or default_gdn_heads(jet_cfg)
+    full = [i for i, t in enumerate(jet_cfg.layer_types) if t == "attn"]
+    hybrid_cfg = {
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **common,
+        "head_dim": jet_cfg.head_dim,
+        # Qwen3-Next defaults that would make its attention layers differ from the twin's:
+        # a sigmoid output gate (a second q-sized projection) and RoPE on a quarter of head_dim
+        "attn_output_gate": False, "partial_rotary_factor": 1.0, "attention_bias": False,
+        "tie_word_embeddings": False,  # vLLM's Qwen3-Next always has its own lm_head
+        "layer_types": ["full_attention" if i in full else "linear_attention" for i in range(n_layers)],
+        "linear_conv_kernel_dim": jet_cfg.jet_dims.conv_size,
+        "linear_key_head_dim": GDN_HEAD_DIM, "linear_value_head_dim": GDN_HEAD_DIM,
+        "linear_num_key_heads": heads, "linear_num_value_heads": heads,
+        # Dense MLPs where vLLM allows: Qwen3NextForCausalLM.set_moe_parameters raises without a
+        # single MoE layer, so the last layer ((i + 1) % decoder_sparse_step == 0) is an MoE block.
+        # Its shared expert is the dense MLP (same GEMMs as every other layer's MLP, times a
+        # sigmoid gate) and its one routed expert is tiny (top-1 of 1, MOE_INTERMEDIATE wide).
+        # Without a shared expert vLLM's MoE runner fuses the router into a GEMM that fails on CPU
+        # ('MoERunner' object has no attribute 'cpu_linear').
+        "num_experts": 1, "num_experts_per_tok": 1, "decoder_sparse_step": n_layers,
+        "moe_intermediate_size": MOE_INTERMEDIATE,
+        "shared_expert_intermediate_size": jet_cfg.intermediate_size,
+        "norm_topk_prob": True, "mlp_only_layers": [],
+    }
+    dirs = {}
+    for kind, cfg in (("jet", None), ("twin", twin_cfg), ("hybrid", hybrid_cfg)):
+        d = root / kind
+        d.mkdir(parents=True)
+        if cfg is None:
+            jet_cfg.save_pretrained(d)
+        else:
+            (d / "config.json").write_text(json.dumps(cfg, indent=2))
+        copy_tokenizer(d)
+        dirs[kind] = d
+    return dirs, {"jet": jet_cfg, "twin": twin_cfg, "hybrid": hybrid_cfg}
 
 
-def analytic_bytes_per_sequence(kind: str, jet_cfg, twin_cfg, num_tokens: int,
-                                state_bytes: int = 2) -> int:
-    """Exact cache bytes one sequence of `num_tokens` needs (no block rounding)."""
+def mixer_summary(cfgs: dict) -> dict:
+    """Per-layer weights and recurrent-state elements of a JetBlock and of a GDN layer."""
+    jet, hyb = cfgs["jet"], cfgs["hybrid"]
+    d, h = jet.jet_dims, jet.hidden_size
+    jet_params = (h * (2 * d.key_dim + 2 * d.value_dim + 2 * d.num_heads) + d.value_dim * h
+                  + h * d.generator_dim + d.generator_dim * d.value_dim * d.conv_size)
+    hk, hv = hyb["linear_num_key_heads"], hyb["linear_num_value_heads"]
+    kd, vd = hk * hyb["linear_key_head_dim"], hv * hyb["linear_value_head_dim"]
+    gdn_params = h * (2 * kd + 2 * vd + 2 * hv) + vd * h + (2 * kd + vd) * hyb["linear_conv_kernel_dim"]
+    return {
+        "jetblock": {"heads": d.num_heads, "head_k_dim": d.head_k_dim, "head_v_dim": d.head_v_dim,
+                     "weights": jet_params, "recurrent_state_elements": d.num_heads * d.head_k_dim * d.head_v_dim,
+                     "conv_state_elements": (d.conv_size - 1) * d.value_dim},
+        "gdn": {"heads": hv, "head_k_dim": hyb["linear_key_head_dim"], "head_v_dim": hyb["linear_value_head_dim"],
+                "weights": gdn_params, "recurrent_state_elements": hv * hyb["linear_key_head_dim"] * hyb["linear_value_head_dim"],
+                "conv_state_elements": (hyb["linear_conv_kernel_dim"] - 1) * (2 * kd + vd)},
+    }
+
+
+def analytic_bytes_per_sequence(kind: str, cfgs: dict, num_tokens: int, state_bytes: int = 2) -> int:
+    """Exact cache bytes one sequence of `num_tokens` needs (no block rounding, bf16 KV)."""
+    jet = cfgs["jet"]
+    kv_per_token_layer = 2 * jet.num_key_value_heads * jet.head_dim * 2
     if kind == "jet":
-        return jet_cfg.state_bytes_per_sequence(num_tokens, kv_bytes=2, state_bytes=state_bytes)
-    head_dim = twin_cfg["hidden_size"] // twin_cfg["num_attention_heads"]
-    per_token = 2 * twin_cfg["num_key_value_heads"] * head_dim * 2
-    return twin_cfg["num_hidden_layers"] * num_tokens * per_token
+        return jet.state_bytes_per_sequence(num_tokens, kv_bytes=2, state_bytes=state_bytes)
+    if kind == "twin":
+        return cfgs["twin"]["num_hidden_layers"] * num_tokens * kv_per_token_layer
+    hyb = cfgs["hybrid"]
+    m = mixer_summary(cfgs)["gdn"]
+    n_full = hyb["layer_types"].count("full_attention")
+    n_gdn = hyb["layer_types"].count("linear_attention")
+    return (n_full * num_tokens * kv_per_token_layer
+            + n_gdn * (m["conv_state_elements"] * 2 + m["recurrent_state_elements"] * state_bytes))
 
 
 # ----- what the worker reports about its KV/state cache ----------------------------------
@@ -167,29 +277,129 @@ def _capacity_in_worker(worker, lengths):
     return result
 
 
-# ----- measurement -----------------------------------------------------------------------
+def state_bytes_of(capacity: dict | None) -> int:
+    """Bytes per element of the recurrent state the engine allocated (float32 on AVX-512 CPUs)."""
+    for g in (capacity or {}).get("groups", []):
+        if "state_dtypes" in g:
+            return 4 if "float32" in g["state_dtypes"][-1] else 2
+    return 2
 
 
-def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+# ----- engines and prompts ---------------------------------------------------------------
+
+
+def random_tokens(length: int, seed: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 151000, (length,), generator=g).tolist() for _ in range(batch)]
+    return torch.randint(0, 151000, (length,), generator=g).tolist()
 
 
-def run_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
-    """Submit `prompts` together, step the engine to the end, and time the pure-decode
-    phase from engine-core step timestamps (client clock as a cross-check)."""
+def shared_prefix_batch(prefix: list[int], batch: int, suffix_tokens: int, seed: int) -> list[list[int]]:
+    """`batch` prompts: the shared prefix plus a distinct random suffix each."""
+    return [prefix + random_tokens(suffix_tokens, seed + i) for i in range(batch)]
+
+
+def start_engine(kind: str, path: Path, args, max_len: int):
+    from vllm import LLM
+
+    print(f"\n=== {kind}: starting vLLM ({path}) ===", flush=True)
+    t0 = time.monotonic()
+    llm = LLM(model=str(path), dtype="bfloat16", load_format="dummy",
+              kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
+              max_num_seqs=max(args.batch, 8), enforce_eager=True, enable_prefix_caching=True,
+              disable_log_stats=False, seed=0,
+              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
+    return llm, time.monotonic() - t0
+
+
+def stop_engine(llm) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        del llm
+        gc.collect()
+
+
+def engine_info(llm, args, max_len: int) -> dict:
+    engine = llm.llm_engine
+    cc = engine.vllm_config.cache_config
+    return {
+        "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
+        "enable_prefix_caching": cc.enable_prefix_caching,
+        "mamba_cache_mode": str(cc.mamba_cache_mode),
+        "mamba_ssm_cache_dtype": str(getattr(cc, "mamba_ssm_cache_dtype", None)),
+        "kv_cache_memory_bytes": args.kv_bytes,
+        "max_model_len": max_len,
+        "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
+        "logged_max_concurrency_at_max_model_len": getattr(cc, "kv_cache_max_concurrency", None),
+    }
+
+
+# ----- measurement -----------------------------------------------------------------------
+
+
+def shared_prompt(length: int, args) -> list[int]:
+    """The shared prompt of a length: by default the first `length` tokens of one random
+    sequence, so each length's prompt extends the previous one and its first prefill computes
+    only the new tokens (the rest comes from the prefix cache); with --independent-prompts a
+    random prompt of its own."""
+    if args.independent_prompts:
+        return random_tokens(length, seed=1000 * length + 1)
+    return random_tokens(max(args.lengths), seed=1)[:length]
+
+
+def prefill_once(engine, prompt: list[int], tag: str) -> dict:
+    """Prefill one prompt alone (one generated token); time it on both clocks. Tokens/s count
+    the tokens computed (prompt minus prefix-cache hits)."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    t0 = time.monotonic()
+    engine.add_request(tag, {"prompt_token_ids": prompt}, params)
+    last = None
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            last = o
+    wall = time.monotonic() - t0
+    m = last.metrics if last is not None else None
+    engine_s = (m.first_token_ts - m.scheduled_ts) if m is not None and m.first_token_ts and m.scheduled_ts else None
+    cached = int(getattr(last, "num_cached_tokens", 0) or 0)
+    new = len(prompt) - cached
+    return {
+        "prompt_len": len(prompt), "num_cached_tokens": cached, "computed_tokens": new,
+        "wall_s": wall, "engine_s": engine_s,
+        "prefill_tokens_per_s": new / wall,
+        "prefill_tokens_per_s_engine": new / engine_s if engine_s else None,
+    }
+
+
+def max_tokens_for(args) -> int:
+    """Tokens generated per request of a batch: the first (from prefill), `--decode-steps` timed
+    decode steps, and slack for requests that start late. vLLM admits one new request per step
+    when requests share a cached recurrent-state block (MambaManager: "Mamba can't rely on blocks
+    generated by other requests in the current step"), so the hybrid models' batch starts over
+    `batch` steps."""
+    return 1 + args.decode_steps + args.batch + 4
+
+
+def time_batch(engine, prompts: list[list[int]], max_tokens: int, decode_steps: int, tag: str) -> dict:
+    """Submit `prompts` together, step the engine until all are done, and time `decode_steps`
+    pure-decode steps of the whole batch (from the step in which the last sequence got its first
+    token, before any has finished) from engine-core step timestamps (client clock as a
+    cross-check). `fits` is False where the batch never ran as a whole."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
     ids = [f"{tag}-{i}" for i in range(len(prompts))]
     load_before = os.getloadavg()[0]
     t_submit = time.monotonic()
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, {"prompt_token_ids": p}, params)
     counts = dict.fromkeys(ids, 0)
-    steps = []  # (engine ts, client ts, tokens so far, sequences with >= 1 token)
+    cached = dict.fromkeys(ids)
+    finished: set[str] = set()
+    steps = []  # (engine ts, client ts, tokens so far, sequences started, sequences finished)
     preemptions = 0
     while engine.has_unfinished_requests():
         outs = engine.step()
@@ -199,25 +409,38 @@ def run_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> di
         ts = [o.metrics.last_token_ts for o in outs if o.metrics is not None and o.metrics.last_token_ts]
         for o in outs:
             counts[o.request_id] = len(o.outputs[0].token_ids)
-            if o.finished and o.metrics is not None:
-                preemptions += o.metrics.num_preemptions
+            if o.num_cached_tokens is not None:
+                cached[o.request_id] = int(o.num_cached_tokens)
+            if o.finished:
+                finished.add(o.request_id)
+                if o.metrics is not None:
+                    preemptions += o.metrics.num_preemptions
         steps.append((max(ts) if ts else now, now, sum(counts.values()),
-                      sum(1 for c in counts.values() if c > 0)))
+                      sum(1 for c in counts.values() if c > 0), len(finished)))
     assert all(c == max_tokens for c in counts.values()), counts
-    k = next(i for i, s in enumerate(steps) if s[3] == len(prompts))
-    decode = steps[k:]
+    k = next(i for i, s in enumerate(steps) if s[3] == len(prompts))  # all have a token
+    f = next(i for i, s in enumerate(steps) if s[4] > 0)  # the first has finished
+    result = {
+        "batch": len(prompts), "prompt_len": len(prompts[0]), "max_tokens": max_tokens,
+        "num_cached_tokens": [cached[i] for i in ids], "preemptions": preemptions,
+        "steps_until_whole_batch": k + 1,
+        "fits": k < f and preemptions == 0,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+    }
+    if not result["fits"]:
+        # per step: (sequences with a token, sequences finished, tokens so far)
+        result["steps"] = [(s[3], s[4], s[2]) for s in steps]
+        return result
+    decode = steps[k:min(f, k + decode_steps) + 1]
     n_steps = len(decode) - 1
     tokens = decode[-1][2] - decode[0][2]
     engine_time = decode[-1][0] - decode[0][0]
     client_time = decode[-1][1] - decode[0][1]
-    if n_steps < 1 or engine_time <= 0:
-        raise ValueError("no pure-decode step to time: use --decode-tokens >= 2")
+    if engine_time <= 0:
+        raise ValueError("no pure-decode step to time")
     step_times = sorted(b[0] - a[0] for a, b in zip(decode, decode[1:]))
     median_step = step_times[len(step_times) // 2]
-    return {
-        "batch": len(prompts),
-        "prompt_len": len(prompts[0]),
-        "max_tokens": max_tokens,
+    result.update({
         "decode_steps": n_steps,
         "decode_tokens": tokens,
         "decode_time_s": engine_time,
@@ -225,36 +448,23 @@ def run_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> di
         "decode_tokens_per_s_client_clock": tokens / client_time,
         "decode_tokens_per_s_median_step": len(prompts) / median_step,
         "decode_step_ms_median": 1e3 * median_step,
-        "prefill_time_s": steps[k][1] - t_submit,
-        "prefill_tokens_per_s": len(prompts) * len(prompts[0]) / (steps[k][1] - t_submit),
-        "preemptions": preemptions,
-        "loadavg_before": load_before,
-        "loadavg_after": os.getloadavg()[0],
-    }
+        "batch_prefill_time_s": steps[k][1] - t_submit,
+    })
+    return result
 
 
 def bench_model(kind: str, path: Path, args, max_len: int, capacity_lengths: list[int]) -> dict:
-    from vllm import LLM
-
-    print(f"\n=== {kind}: starting vLLM ({path}) ===", flush=True)
-    t0 = time.monotonic()
-    llm = LLM(model=str(path), dtype="bfloat16", load_format="dummy",
-              kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
-              max_num_seqs=max(args.batch, 8), enforce_eager=True,
-              disable_log_stats=False, seed=0)
-    result = {"engine_start_s": time.monotonic() - t0, "runs": []}
+    result = {"lengths": {}}
+    try:
+        llm, start_s = start_engine(kind, path, args, max_len)
+    except Exception as e:  # noqa: BLE001 - record and go on with the other models
+        traceback.print_exc()
+        return {"error": f"engine did not start: {e!r}", "lengths": {}}
+    result["engine_start_s"] = start_s
+    max_tokens = max_tokens_for(args)
     try:
         engine = llm.llm_engine
-        cc = engine.vllm_config.cache_config
-        result["cache_config"] = {
-            "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
-            "enable_prefix_caching": cc.enable_prefix_caching,
-            "mamba_cache_mode": str(cc.mamba_cache_mode),
-            "kv_cache_memory_bytes": args.kv_bytes,
-            "max_model_len": max_len,
-            "logged_max_concurrency_at_max_model_len": getattr(cc, "kv_cache_max_concurrency", None),
-        }
-        result["max_num_batched_tokens"] = engine.vllm_config.scheduler_config.max_num_batched_tokens
+        result["cache_config"] = engine_info(llm, args, max_len)
         try:
             result["capacity"] = llm.collective_rpc(
                 _capacity_in_worker, args=(capacity_lengths,), timeout=120)[0]
@@ -263,66 +473,152 @@ def bench_model(kind: str, path: Path, args, max_len: int, capacity_lengths: lis
             result["capacity"] = None
 
         print(f"[{kind}] warm-up", flush=True)
-        run_batch(engine, random_prompts(args.batch, 64, seed=999), 4, f"{kind}-warmup")
+        time_batch(engine, [random_tokens(64, 999 + i) for i in range(args.batch)], 4 + args.batch, 2,
+                  f"{kind}-warmup")
         for length in args.lengths:
-            for rep in range(args.repeats):
-                prompts = random_prompts(args.batch, length, seed=1000 * length + rep)
-                r = run_batch(engine, prompts, args.decode_tokens, f"{kind}-{length}-{rep}")
-                r["repeat"] = rep
-                result["runs"].append(r)
-                print(f"[{kind}] L={length:5d} rep {rep}: decode {r['decode_tokens_per_s']:8.2f} tok/s "
-                      f"({r['decode_steps']} steps, median step {r['decode_step_ms_median']:.1f} ms, "
-                      f"client clock {r['decode_tokens_per_s_client_clock']:.2f}), "
-                      f"prefill {r['prefill_tokens_per_s']:.1f} tok/s in {r['prefill_time_s']:.1f} s, "
-                      f"load {r['loadavg_after']:.2f}", flush=True)
+            entry = result["lengths"][str(length)] = {}
+            try:
+                prefix = shared_prompt(length, args)
+                p = prefill_once(engine, prefix, f"{kind}-{length}-prefix")
+                entry["prefill"] = p
+                print(f"[{kind}] L={length:6d}: prefill of the shared prompt {p['prefill_tokens_per_s']:8.1f} "
+                      f"tok/s ({p['computed_tokens']} tokens computed, {p['num_cached_tokens']} from the prefix "
+                      f"cache, {p['wall_s']:.1f} s)", flush=True)
+                batch, attempt = args.batch, 0
+                while batch >= 1:
+                    prompts = shared_prefix_batch(prefix, batch, args.suffix_tokens,
+                                                  seed=1000 * length + 100 * attempt + 7)
+                    r = time_batch(engine, prompts, max_tokens, args.decode_steps, f"{kind}-{length}-b{batch}")
+                    r["attempt"] = attempt
+                    entry.setdefault("attempts", []).append(r)
+                    hits = r["num_cached_tokens"]
+                    if r["fits"]:
+                        entry["decode"] = r
+                        print(f"[{kind}] L={length:6d} batch {batch}: decode {r['decode_tokens_per_s']:8.2f} tok/s "
+                              f"({r['decode_steps']} steps, median step {r['decode_step_ms_median']:.1f} ms, "
+                              f"client clock {r['decode_tokens_per_s_client_clock']:.2f}); prefix-cache hits "
+                              f"{min(hits)}..{max(hits)} of {len(prompts[0])} prompt tokens; whole batch "
+                              f"running after {r['steps_until_whole_batch']} steps ({r['batch_prefill_time_s']:.1f} s); "
+                              f"load {r['loadavg_after']:.2f}", flush=True)
+                        break
+                    print(f"[{kind}] L={length:6d}: batch {batch} did not run as a whole "
+                          f"(preemptions {r['preemptions']}); halving", flush=True)
+                    batch, attempt = batch // 2, attempt + 1
+                if "decode" not in entry:
+                    entry["error"] = "does not fit even at batch 1"
+            except Exception as e:  # noqa: BLE001 - never lose the whole run to one length
+                traceback.print_exc()
+                entry["error"] = repr(e)
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        stop_engine(llm)
     return result
+
+
+def in_process_engine_env() -> None:
+    """Before vLLM and torch load in a child: the engine core in this process, and one OpenMP
+    thread, as vLLM's multiprocess CPU engine runs on this 2-core machine (it binds its engine
+    to one core and keeps the other for the client). Without it vLLM's C++ ops run two OpenMP
+    threads, and on 2 cores shared with other jobs a decode step took 700 ms instead of 30."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _model_job(kind: str, path: str, args, max_len: int, capacity_lengths: list[int], out: str) -> None:
+    """Child process: one engine, in this process (vLLM's multiprocess engine core did not find
+    the recurrent states the first prefill cached: the first request of each batch got no
+    prefix-cache hit and prefilled the whole prompt again; in-process every request hits)."""
+    in_process_engine_env()
+    t0 = time.monotonic()
+    r = bench_model(kind, Path(path), args, max_len, capacity_lengths)
+    r["wall_s"] = time.monotonic() - t0
+    Path(out).write_text(json.dumps(r, default=str))
+
+
+def in_child(target, *args, out: Path) -> dict | None:
+    """Run `target(*args, out)` in a fresh spawned process (one engine at a time, all its memory
+    returned when it exits); its JSON result, or None if it died."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("spawn").Process(target=target, args=(*args, str(out)))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0 or not out.exists():
+        return None
+    return json.loads(out.read_text())
+
+
+# ----- the API bench/kernels_cpu.py uses (the former version of this bench) ---------------
+
+
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    """`batch` independent random prompts of `length` tokens."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 151000, (length,), generator=g).tolist() for _ in range(batch)]
+
+
+def run_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
+    """`time_batch` timing every step after the whole batch has its first token."""
+    r = time_batch(engine, prompts, max_tokens, max_tokens, tag)
+    if not r["fits"]:
+        raise RuntimeError(f"the batch of {len(prompts)} never ran as a whole: {r.get('steps')}")
+    return r
+
+
+def write_model_folders(root: Path, scale: int, max_len: int):
+    """Jet and twin folders of the 2B layer pattern with the width divided by `scale`:
+    (jet_dir, twin_dir, jet_cfg, twin_cfg, dims)."""
+    layout = official_layout(scale)
+    dirs, cfgs = write_models(root, layout, max_len, None)
+    dims = {k: layout[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                   "num_key_value_heads", "head_dim")}
+    return dirs["jet"], dirs["twin"], cfgs["jet"], cfgs["twin"], dims
 
 
 # ----- report ------------------------------------------------------------------------------
 
 
-def summarize(models: dict, args, jet_cfg, twin_cfg) -> dict:
+def summarize(models: dict, args, cfgs: dict) -> dict:
     per_length = []
     for length in args.lengths:
-        row = {"prompt_len": length, "seq_len": length + args.decode_tokens}
-        for kind in ("jet", "twin"):
-            runs = [r for r in models[kind]["runs"] if r["prompt_len"] == length]
-            tps = sorted(r["decode_tokens_per_s"] for r in runs)
-            row[f"{kind}_decode_tps"] = tps[len(tps) // 2] if len(tps) % 2 else sum(tps[len(tps) // 2 - 1:len(tps) // 2 + 1]) / 2
-            row[f"{kind}_decode_tps_all"] = tps
-            med = sorted(r["decode_tokens_per_s_median_step"] for r in runs)
-            row[f"{kind}_decode_tps_median_step"] = med[len(med) // 2]
-            row[f"{kind}_prefill_tps"] = sorted(r["prefill_tokens_per_s"] for r in runs)[len(runs) // 2]
-        row["decode_ratio"] = row["jet_decode_tps"] / row["twin_decode_tps"]
-        row["decode_ratio_median_step"] = row["jet_decode_tps_median_step"] / row["twin_decode_tps_median_step"]
-        row["prefill_ratio"] = row["jet_prefill_tps"] / row["twin_prefill_tps"]
-
-        n = row["seq_len"]
-        for kind in ("jet", "twin"):
-            cap = models[kind].get("capacity")
-            state_bytes = 2
-            if cap is not None:
-                row[f"{kind}_max_batch_vllm"] = math.floor(cap["max_concurrency"][str(n)] + 1e-9)
-                row[f"{kind}_max_concurrency_vllm"] = cap["max_concurrency"][str(n)]
-                for g in cap["groups"]:
-                    if "state_dtypes" in g:
-                        state_bytes = 4 if "float32" in g["state_dtypes"][-1] else 2
-            else:
-                row[f"{kind}_max_batch_vllm"] = None
-            per_seq = analytic_bytes_per_sequence(kind, jet_cfg, twin_cfg, n, state_bytes)
+        n = length + args.suffix_tokens + max_tokens_for(args)
+        row = {"prompt_len": length, "seq_len": n}
+        for kind in args.models:
+            m = models.get(kind, {})
+            e = m.get("lengths", {}).get(str(length), {})
+            d, p = e.get("decode"), e.get("prefill")
+            row[f"{kind}_decode_tps"] = d["decode_tokens_per_s"] if d else None
+            row[f"{kind}_decode_tps_median_step"] = d["decode_tokens_per_s_median_step"] if d else None
+            row[f"{kind}_decode_step_ms_median"] = d["decode_step_ms_median"] if d else None
+            row[f"{kind}_batch"] = d["batch"] if d else None
+            row[f"{kind}_prefix_cache_hits"] = d["num_cached_tokens"] if d else None
+            row[f"{kind}_batch_prompt_len"] = d["prompt_len"] if d else None
+            row[f"{kind}_prefill_tps"] = p["prefill_tokens_per_s"] if p else None
+            row[f"{kind}_error"] = e.get("error") or m.get("error")
+            cap = m.get("capacity")
+            row[f"{kind}_max_batch_vllm"] = (int(cap["max_concurrency"][str(n)] + 1e-9) if cap else None)
+            per_seq = analytic_bytes_per_sequence(kind, cfgs, n, state_bytes_of(cap))
             row[f"{kind}_bytes_per_seq"] = per_seq
             row[f"{kind}_max_batch_bytes"] = args.kv_bytes // per_seq
-        vj, vt = row["jet_max_batch_vllm"], row["twin_max_batch_vllm"]
-        row["max_batch_ratio_vllm"] = vj / vt if vj and vt else None
-        row["max_batch_ratio_bytes"] = row["jet_max_batch_bytes"] / max(row["twin_max_batch_bytes"], 1)
+
+        def ratio(a, b, key):
+            x, y = row.get(f"{a}_{key}"), row.get(f"{b}_{key}")
+            return x / y if x and y else None
+
+        for other in ("twin", "hybrid"):
+            row[f"jet_over_{other}_decode"] = ratio("jet", other, "decode_tps")
+            row[f"jet_over_{other}_decode_median_step"] = ratio("jet", other, "decode_tps_median_step")
+            row[f"jet_over_{other}_prefill"] = ratio("jet", other, "prefill_tps")
+            row[f"jet_over_{other}_max_batch_vllm"] = ratio("jet", other, "max_batch_vllm")
         per_length.append(row)
 
     checks = {}
-    for kind in ("jet", "twin"):
-        cap, cc = models[kind].get("capacity"), models[kind]["cache_config"]
+    for kind in args.models:
+        m = models.get(kind, {})
+        cap, cc = m.get("capacity"), m.get("cache_config")
+        if cc is None:
+            continue
         checks[kind] = {
             "logged_max_concurrency_at_max_model_len": cc["logged_max_concurrency_at_max_model_len"],
             "worker_max_concurrency_at_max_model_len":
@@ -332,75 +628,112 @@ def summarize(models: dict, args, jet_cfg, twin_cfg) -> dict:
             "block_size": cc["block_size"],
             "mamba_cache_mode": cc["mamba_cache_mode"],
         }
-
-    # The same capacity by bytes at the unshrunk 2B width (no engine needed).
-    from vllm_jetnemotron.converter.random_checkpoint import official_config
-
-    full_jet = official_config("2b")
-    dims = shrunk_dims(1)
-    full_twin = {**twin_cfg, **{k: dims[k] for k in ("hidden_size", "intermediate_size",
-                                                      "num_attention_heads", "num_key_value_heads")}}
-    state_bytes = 4 if any("float32" in g.get("state_dtypes", [""])[-1]
-                           for g in (models["jet"].get("capacity") or {}).get("groups", [])) else 2
-    full_width = []
-    for length in args.lengths:
-        n = length + args.decode_tokens
-        j = analytic_bytes_per_sequence("jet", full_jet, full_twin, n, state_bytes)
-        t = analytic_bytes_per_sequence("twin", full_jet, full_twin, n, state_bytes)
-        full_width.append({"seq_len": n, "jet_bytes_per_seq": j, "twin_bytes_per_seq": t,
-                           "jet_max_batch_bytes": args.kv_bytes // j, "twin_max_batch_bytes": args.kv_bytes // t,
-                           "max_batch_ratio_bytes": (args.kv_bytes // j) / max(args.kv_bytes // t, 1)})
-    return {"per_length": per_length, "capacity_checks": checks,
-            "full_width_capacity_bytes": full_width, "jet_state_bytes_per_element": state_bytes}
+    return {"per_length": per_length, "capacity_checks": checks}
 
 
-def print_table(summary: dict, args, dims: dict) -> str:
+def context_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _fmt(x, spec=".1f", none="-"):
+    return none if x is None else format(x, spec)
+
+
+def _ratio(x):
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def print_table(summary: dict, args, cfgs: dict, layout: dict) -> str:
+    jet = cfgs["jet"]
+    mix = mixer_summary(cfgs)
+    j, g = mix["jetblock"], mix["gdn"]
+    n_jet = jet.layer_types.count("jet")
+    n_attn, n_swa = jet.layer_types.count("attn"), jet.layer_types.count("swa")
     lines = []
     add = lines.append
-    scale_note = ("full 2B width" if args.scale == 1 else
-                  f"width shrunk {args.scale}x: hidden {FULL_HIDDEN} -> {dims['hidden_size']}, MLP "
-                  f"{FULL_INTERMEDIATE} -> {dims['intermediate_size']}, attention heads "
-                  f"{FULL_HEADS}/{FULL_KV_HEADS} -> {dims['num_attention_heads']}/{dims['num_key_value_heads']} "
-                  f"(head_dim {dims['head_dim']}); JetBlock dims unchanged")
-    add(f"Jet-Nemotron-2B layout vs full-attention twin, vLLM {args.vllm_version}, bf16, dummy weights, "
-        f"batch {args.batch}, {args.decode_tokens} generated tokens per sequence")
-    add(f"Model size: {scale_note}")
+    add(f"vLLM {args.vllm_version}, bf16, dummy weights, CPU ({os.cpu_count()} cores), layout `{layout['name']}`: "
+        f"hidden {jet.hidden_size}, MLP {jet.intermediate_size}, {jet.num_hidden_layers} layers, attention "
+        f"{jet.num_attention_heads}/{jet.num_key_value_heads} heads of {jet.head_dim}. "
+        f"jet: {n_jet} JetBlocks ({j['heads']} heads, K = {j['head_k_dim']}, V = {j['head_v_dim']}, "
+        f"{j['weights'] / 1e6:.2f} M weights each) + {n_attn} attn + {n_swa} swa; "
+        f"twin: {jet.num_hidden_layers} full attention; hybrid: {cfgs['hybrid']['layer_types'].count('linear_attention')} "
+        f"GDN ({g['heads']} heads, K = V = {g['head_k_dim']}, {g['weights'] / 1e6:.2f} M weights each, "
+        f"same recurrent state as a JetBlock) + {cfgs['hybrid']['layer_types'].count('full_attention')} full attention. "
+        f"Batch {args.batch}: one shared prompt of the given length + {args.suffix_tokens} distinct tokens per "
+        f"request (prefix caching); decode tok/s over {args.decode_steps} decode steps with the whole batch "
+        f"running ({max_tokens_for(args)} tokens generated per request); KV/state budget "
+        f"{args.kv_bytes / 2**30:.2f} GiB per engine.")
     add("")
-    add("Decode throughput (generated tokens/s over pure-decode steps, whole batch):")
-    hdr = f"{'prompt':>7} | {'jet tok/s':>10} | {'twin tok/s':>10} | {'jet/twin':>8} | {'(median-step ratio)':>19} | {'prefill jet/twin':>16}"
-    add(hdr)
-    add("-" * len(hdr))
+    models = args.models
+
+    def cell(r, kind, key, spec):
+        v = r.get(f"{kind}_{key}")
+        if v is None:
+            return "does not fit" if r.get(f"{kind}_error") and "fit" in r[f"{kind}_error"] else (
+                "error" if r.get(f"{kind}_error") else "-")
+        s = format(v, spec)
+        b = r.get(f"{kind}_batch")
+        if key == "decode_tps" and b is not None and b != args.batch:
+            s += f" (batch {b})"
+        return s
+
+    others = [o for o in ("twin", "hybrid") if o in models] if "jet" in models else []
+    hdr = ["context"] + [f"{k} decode tok/s" for k in models]
+    hdr += [f"jet/{o}" for o in others] + [f"jet/{o} (median step)" for o in others]
+    hdr += [f"{k} prefill tok/s" for k in models]
+    add("| " + " | ".join(hdr) + " |")
+    add("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
     for r in summary["per_length"]:
-        add(f"{r['prompt_len']:>7} | {r['jet_decode_tps']:>10.2f} | {r['twin_decode_tps']:>10.2f} | "
-            f"{r['decode_ratio']:>7.2f}x | {r['decode_ratio_median_step']:>18.2f}x | {r['prefill_ratio']:>15.2f}x")
+        cells = [context_label(r["prompt_len"])]
+        cells += [cell(r, k, "decode_tps", ".1f") for k in models]
+        cells += [_ratio(r.get(f"jet_over_{o}_decode")) for o in others]
+        cells += [_ratio(r.get(f"jet_over_{o}_decode_median_step")) for o in others]
+        cells += [cell(r, k, "prefill_tps", ".0f") for k in models]
+        add("| " + " | ".join(cells) + " |")
     add("")
-    add(f"Largest batch in the same KV/state budget ({args.kv_bytes / 2**30:.2f} GiB), per sequence length "
-        "(prompt + generated):")
-    hdr = (f"{'seq len':>7} | {'jet (vLLM)':>10} | {'twin (vLLM)':>11} | {'jet/twin':>8} | "
-           f"{'jet (bytes)':>11} | {'twin (bytes)':>12} | {'jet/twin':>8} | {'jet MiB/seq':>11} | {'twin MiB/seq':>12}")
-    add(hdr)
-    add("-" * len(hdr))
+    add("Decode tok/s: tokens generated over the timed steps / their time (engine-core timestamps); "
+        "median step: batch / median step time, less sensitive to other jobs on the machine. Prefill "
+        "tok/s: the first prefill of the shared prompt, tokens computed / time"
+        + ("." if args.independent_prompts else
+           " (each length's prompt extends the previous length's, so these are the tokens from the "
+           "previous length, or 0, up to this one; the rest comes from the prefix cache)."))
+    add("")
+    hdr = ["sequence length"] + [f"{k} max batch" for k in models]
+    if "jet" in models:
+        hdr += [f"jet/{o}" for o in ("twin", "hybrid") if o in models]
+    hdr += [f"{k} MiB/seq" for k in models] + ["prefix-cache hits (tokens, per request)"]
+    add(f"Largest batch of distinct sequences in {args.kv_bytes / 2**30:.2f} GiB of KV/state (vLLM's block "
+        "accounting; MiB/seq: exact cache bytes of one sequence):")
+    add("")
+    add("| " + " | ".join(hdr) + " |")
+    add("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 2) + ["---"]) + "|")
     for r in summary["per_length"]:
-        ratio_v = f"{r['max_batch_ratio_vllm']:>7.2f}x" if r["max_batch_ratio_vllm"] else f"{'n/a':>8}"
-        add(f"{r['seq_len']:>7} | {str(r['jet_max_batch_vllm']):>10} | {str(r['twin_max_batch_vllm']):>11} | "
-            f"{ratio_v} | {r['jet_max_batch_bytes']:>11} | {r['twin_max_batch_bytes']:>12} | "
-            f"{r['max_batch_ratio_bytes']:>7.2f}x | {r['jet_bytes_per_seq'] / 2**20:>11.2f} | "
-            f"{r['twin_bytes_per_seq'] / 2**20:>12.2f}")
-    add("(vLLM: the engine's own block accounting; bytes: budget / exact cache bytes of one sequence)")
+        cells = [str(r["seq_len"])]
+        cells += [_fmt(r.get(f"{k}_max_batch_vllm"), "d") for k in models]
+        if "jet" in models:
+            cells += [_ratio(r.get(f"jet_over_{o}_max_batch_vllm")) for o in ("twin", "hybrid") if o in models]
+        cells += [_fmt(r.get(f"{k}_bytes_per_seq") / 2**20, ".1f") for k in models]
+        hits = []
+        for k in models:
+            h = r.get(f"{k}_prefix_cache_hits")
+            if h:
+                hits.append(f"{k} {min(h)}" + ("" if min(h) == max(h) else f"..{max(h)}")
+                            + f"/{r[f'{k}_batch_prompt_len']}")
+        cells.append(", ".join(hits) or "-")
+        add("| " + " | ".join(cells) + " |")
+    for r in summary["per_length"]:
+        for k in models:
+            b, m = r.get(f"{k}_batch"), r.get(f"{k}_max_batch_vllm")
+            if b is not None and m is not None and b > m:
+                add(f"Note: {k} at {context_label(r['prompt_len'])} decoded a batch of {b} although only {m} distinct "
+                    f"sequences of {r['seq_len']} tokens fit the budget: the batch shares the prompt's KV blocks "
+                    "(prefix caching).")
     for kind, c in summary["capacity_checks"].items():
         logged, worker = c["logged_max_concurrency_at_max_model_len"], c["worker_max_concurrency_at_max_model_len"]
         add(f"check {kind}: vLLM log 'Maximum concurrency' at max_model_len = "
             f"{logged if logged is None else f'{logged:.2f}'}x, worker-side recomputation = "
             f"{worker if worker is None else f'{worker:.2f}'}x; {c['num_blocks_engine']} blocks of "
             f"{c['block_size']} tokens, mamba_cache_mode={c['mamba_cache_mode']}")
-    if args.scale != 1:
-        add("")
-        add("Same budget at the unshrunk 2B width (bytes only, "
-            f"JetBlock state {summary['jet_state_bytes_per_element']} bytes/element as vLLM allocates it):")
-        for r in summary["full_width_capacity_bytes"]:
-            add(f"  seq len {r['seq_len']:>6}: jet {r['jet_max_batch_bytes']:>4} "
-                f"({r['jet_bytes_per_seq'] / 2**20:.1f} MiB/seq), twin {r['twin_max_batch_bytes']:>4} "
-                f"({r['twin_bytes_per_seq'] / 2**20:.1f} MiB/seq), jet/twin {r['max_batch_ratio_bytes']:.2f}x")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     return text
@@ -414,113 +747,143 @@ def plot(summary: dict, args, path: Path, title: str) -> None:
 
     rows = summary["per_length"]
     L = [r["prompt_len"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    markers = {"jet": "o-", "twin": "s-", "hybrid": "^-"}
     ax = axes[0]
-    ax.plot(L, [r["jet_decode_tps"] for r in rows], "o-", label="Jet-Nemotron (plugin)")
-    ax.plot(L, [r["twin_decode_tps"] for r in rows], "s-", label="full-attention twin (Qwen2)")
+    for kind in args.models:
+        pts = [(x, r[f"{kind}_decode_tps"]) for x, r in zip(L, rows) if r.get(f"{kind}_decode_tps")]
+        if pts:
+            ax.plot(*zip(*pts), markers[kind], label=LABELS[kind])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(f"decode tokens/s (batch {args.batch})")
     ax.set_title("Decode throughput")
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[1]
-    ax.plot(L, [r["decode_ratio"] for r in rows], "o-", color="C2", label="measured")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_ylim(0, max(2.3, 1.15 * max(r["decode_ratio"] for r in rows)))
-    ax.axhline(2.0, color="C3", ls="--", lw=1, label="project goal (2x at 8K)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("Jet / twin decode throughput")
-    ax.set_title("Decode speed-up")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax = axes[2]
     S = [r["seq_len"] for r in rows]
-    key = "max_batch_vllm" if rows[0]["jet_max_batch_vllm"] is not None else "max_batch_bytes"
-    ax.plot(S, [r[f"jet_{key}"] for r in rows], "o-", color="C0", label="Jet-Nemotron (vLLM blocks)")
-    ax.plot(S, [r[f"twin_{key}"] for r in rows], "s-", color="C1", label="twin (vLLM blocks)")
-    ax.plot(S, [r["jet_max_batch_bytes"] for r in rows], "o:", color="C0", alpha=0.6, label="Jet-Nemotron (exact bytes)")
-    ax.plot(S, [r["twin_max_batch_bytes"] for r in rows], "s:", color="C1", alpha=0.6, label="twin (exact bytes)")
+    for kind in args.models:
+        pts = [(x, r[f"{kind}_max_batch_vllm"]) for x, r in zip(S, rows) if r.get(f"{kind}_max_batch_vllm")]
+        if pts:
+            ax.plot(*zip(*pts), markers[kind], label=LABELS[kind])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sequence length (prompt + generated)")
+    ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("max concurrent sequences")
     ax.set_title(f"Batch that fits {args.kv_bytes / 2**30:.2f} GiB of KV/state")
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    for ax, xs in zip(axes, (L, L, S)):
+    for ax, xs in zip(axes, (L, S)):
         ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
-        ax.minorticks_off() if ax is not axes[2] else None
+        ax.set_xticklabels([context_label(x) for x in xs])
+        ax.minorticks_off() if ax is axes[0] else None
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=2, choices=[1, 2, 4],
-                        help="divide hidden/MLP/attention heads of the 2B by this (default 2: fits "
-                             "~15 min on 2 CPU cores; 1 = full 2B width)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--decode-tokens", type=int, default=32,
-                        help="tokens generated per sequence (the first comes from prefill)")
-    parser.add_argument("--repeats", type=int, default=1, help="batches per length (median reported)")
-    parser.add_argument("--kv-bytes", type=int, default=2 << 30,
-                        help="KV/state budget of each engine in bytes (default 2 GiB)")
-    parser.add_argument("--models", nargs="+", default=["jet", "twin"], choices=["jet", "twin"])
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    args = parser.parse_args(argv)
-    if set(args.models) != {"jet", "twin"}:
-        parser.error("the comparison needs both models")
-
+def environment() -> dict:
     import torch
     import vllm
 
-    args.vllm_version = vllm.__version__
-    wall0 = time.monotonic()
-    max_len = max(args.lengths) + args.decode_tokens
-    seq_lens = [n + args.decode_tokens for n in args.lengths]
-    args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="jet-bench-") as tmp:
-        jet_dir, twin_dir, jet_cfg, twin_cfg, dims = write_model_folders(Path(tmp), args.scale, max_len)
-        if args.scale != 1:
-            print(f"NOTE: model width shrunk {args.scale}x (hidden {FULL_HIDDEN} -> {dims['hidden_size']}, "
-                  f"MLP {FULL_INTERMEDIATE} -> {dims['intermediate_size']}, heads {FULL_HEADS}/{FULL_KV_HEADS} -> "
-                  f"{dims['num_attention_heads']}/{dims['num_key_value_heads']}); layer pattern and "
-                  f"JetBlock dims are the official 2B ones", flush=True)
-        models = {}
-        for kind, path in (("jet", jet_dir), ("twin", twin_dir)):
-            models[kind] = bench_model(kind, path, args, max_len, seq_lens)
-        jet_dict = jet_cfg.to_dict()
+    return {"vllm": vllm.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
-    summary = summarize(models, args, jet_cfg, twin_cfg)
-    title = (f"Jet-Nemotron-2B layout vs full-attention twin, vLLM {args.vllm_version}, bf16, "
-             f"{'full width' if args.scale == 1 else f'width / {args.scale}'}, batch {args.batch}, "
-             f"{platform.processor() or platform.machine()} x{os.cpu_count()}")
-    table = print_table(summary, args, dims)
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="bench", choices=["bench", "2b"],
+                        help="bench (default): hidden 1024, 12 layers; 2b: the official 2B pattern, "
+                             "width divided by --scale")
+    parser.add_argument("--scale", type=int, default=2, choices=[1, 2, 4],
+                        help="--layout 2b only: divide hidden/MLP/attention heads of the 2B by this")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help=f"prompt lengths (default {DEFAULT_LENGTHS}; with --profile {PROFILE_LENGTHS})")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--suffix-tokens", type=int, default=32,
+                        help="distinct tokens after the shared prompt in each request")
+    parser.add_argument("--decode-steps", "--decode-tokens", dest="decode_steps", type=int, default=32,
+                        help="decode steps timed with the whole batch running (default 32); each request "
+                             "generates this + batch + 5 tokens (requests of hybrid models start one per step)")
+    parser.add_argument("--kv-bytes", type=int, default=4 << 30,
+                        help="KV/state budget of each engine in bytes (default 4 GiB)")
+    parser.add_argument("--gdn-heads", type=int, default=None,
+                        help="GDN heads of the hybrid (default: the recurrent-state bytes of a JetBlock)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None,
+                        help="tokens per engine step, i.e. the prefill chunk (default: vLLM's, 4096 on CPU)")
+    parser.add_argument("--independent-prompts", action="store_true",
+                        help="a random shared prompt per length, prefilled from scratch (default: each "
+                             "length's prompt extends the previous one, whose prefix comes from the cache)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the throughput run: per-op time of one decode step per model "
+                             "and length (engine in-process, torch.profiler); see bench/decode_profile.py")
+    parser.add_argument("--profile-steps", type=int, default=16,
+                        help="--profile: N of the 1 + N generated tokens (default 16)")
+    parser.add_argument("--top-ops", type=int, default=25, help="--profile: ops listed per model")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.lengths is None:
+        args.lengths = list(PROFILE_LENGTHS if args.profile else DEFAULT_LENGTHS)
+    args.lengths = sorted(set(args.lengths))
+    args.models = [k for k in MODELS if k in args.models]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.profile:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import decode_profile
+
+        decode_profile.main(args)
+        return
+
+    env = environment()
+    args.vllm_version = env["vllm"]
+    wall0 = time.monotonic()
+    max_len = max(args.lengths) + args.suffix_tokens + max_tokens_for(args)
+    seq_lens = [n + args.suffix_tokens + max_tokens_for(args) for n in args.lengths]
+    layout = bench_layout() if args.layout == "bench" else official_layout(args.scale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    models = {}
+    with tempfile.TemporaryDirectory(prefix="jet-bench-") as tmp:
+        dirs, cfgs = write_models(Path(tmp), layout, max_len, args.gdn_heads)
+        print(f"layout {layout['name']}: hidden {layout['hidden_size']}, MLP {layout['intermediate_size']}, "
+              f"{len(layout['layer_types'])} layers; GDN heads {cfgs['hybrid']['linear_num_value_heads']}", flush=True)
+        for kind in args.models:
+            t0 = time.monotonic()
+            r = in_child(_model_job, kind, str(dirs[kind]), args, max_len, seq_lens, out=Path(tmp) / f"{kind}.json")
+            models[kind] = r if r is not None else {"error": "the engine process died (see the log above)",
+                                                    "lengths": {}}
+            models[kind]["wall_s"] = time.monotonic() - t0
+            print(f"[{kind}] done in {models[kind]['wall_s'] / 60:.1f} min", flush=True)
+
+    summary = summarize(models, args, cfgs)
+    title = (f"Jet-Nemotron vs full-attention twin vs GDN hybrid, vLLM {args.vllm_version}, bf16, layout "
+             f"{layout['name']} (hidden {layout['hidden_size']}, {len(layout['layer_types'])} layers), batch "
+             f"{args.batch}, {platform.processor() or platform.machine()} x{os.cpu_count()}")
+    table = print_table(summary, args, cfgs, layout)
     wall = time.monotonic() - wall0
     out = {
         "benchmark": "decode_throughput",
         "goal": "Jet/twin decode throughput ratio > 2x at 8192 tokens, growing with length",
         "settings": {
-            "scale": args.scale, "shrink_factor_hidden": args.scale, "dims": dims,
-            "lengths": args.lengths, "batch": args.batch, "decode_tokens": args.decode_tokens,
-            "repeats": args.repeats, "kv_cache_memory_bytes": args.kv_bytes, "max_model_len": max_len,
-            "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": True,
+            "layout": layout, "scale": args.scale if args.layout == "2b" else None,
+            "lengths": args.lengths, "batch": args.batch, "suffix_tokens": args.suffix_tokens,
+            "independent_prompts": args.independent_prompts,
+            "decode_steps": args.decode_steps, "max_tokens_per_request": max_tokens_for(args),
+            "engine": "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one spawned process per model",
+            "kv_cache_memory_bytes": args.kv_bytes,
+            "max_model_len": max_len, "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": True,
+            "enable_prefix_caching": True, "models": args.models,
         },
-        "environment": {
-            "vllm": args.vllm_version, "torch": torch.__version__, "python": sys.version.split()[0],
-            "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-        },
-        "models": {
-            "jet": {"config": jet_dict, **models["jet"]},
-            "twin": {"config": twin_cfg, **models["twin"]},
-        },
+        "mixers": mixer_summary(cfgs),
+        "environment": env,
+        "models": {k: {"config": cfgs[k].to_dict() if k == "jet" else cfgs[k], **models[k]} for k in models},
         "summary": summary,
         "table": table,
         "wall_time_s": wall,
