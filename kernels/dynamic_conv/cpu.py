@@ -206,10 +206,17 @@ def conv_update_op():
         return None
 
 
-def _applies(op, x: torch.Tensor, kernels: torch.Tensor, state_pool: torch.Tensor) -> bool:
-    return (op is not None and x.device.type == "cpu" and x.stride(-1) == 1 and kernels.is_contiguous()
+def _update_in_cpp(x, kernels, state_pool, state_indices, query_start_loc, num_accepted_tokens):
+    """The decode update by the C++ op (plain steps: no `query_start_loc`), or None where
+    it does not apply: not built, not a CPU tensor, or layouts and dtypes it does not take."""
+    op = conv_update_op()
+    if not (op is not None and x.device.type == "cpu" and x.stride(-1) == 1 and kernels.is_contiguous()
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and kernels.dtype == x.dtype
-            and state_pool.dtype in (x.dtype, torch.float32))
+            and state_pool.dtype in (x.dtype, torch.float32)):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype)
+    op(x, kernels, state_pool, state_indices, query_start_loc, num_accepted_tokens, out)
+    return out
 
 
 def dynamic_causal_conv_step(
@@ -221,10 +228,8 @@ def dynamic_causal_conv_step(
     """One decode token per sequence: x `[N, D]`, kernels `[N, D, W]`, slots `[N]`,
     state_pool `[num_slots, >= W - 1, D]` (its first W - 1 rows are the history). Shifts
     each sequence's history by one token in place. Returns out `[N, D]`."""
-    op = conv_update_op()
-    if _applies(op, x, kernels, state_pool):
-        out = torch.empty(x.shape, dtype=x.dtype)
-        op(x, kernels, state_pool, state_indices, None, None, out)
+    out = _update_in_cpp(x, kernels, state_pool, state_indices, None, None)
+    if out is not None:
         return out
     W = kernels.shape[-1]
     slots = state_indices.long()
@@ -255,10 +260,8 @@ def dynamic_causal_conv_spec_decode(
     whichever of them the next step accepts (vLLM's conv-state convention).
     Returns out `[T, D]` (SiLU applied) in x's dtype.
     """
-    op = conv_update_op()
-    if _applies(op, x, kernels, state_pool):
-        out = torch.empty(x.shape, dtype=x.dtype)
-        op(x, kernels, state_pool, state_indices, cu_seqlens, num_accepted_tokens, out)
+    out = _update_in_cpp(x, kernels, state_pool, state_indices, cu_seqlens, num_accepted_tokens)
+    if out is not None:
         return out
     W = kernels.shape[-1]
     out = torch.empty_like(x)
