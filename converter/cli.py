@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,8 @@ def validate_inputs(recipe: dict) -> dict:
     if budget["attn"] + budget["swa"] > layers:
         raise RecipeError(f"budget asks for {budget['attn']} attn + {budget['swa']} swa layers but the teacher "
                           f"{recipe['teacher']} has only {layers} layers")
+    if recipe["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"device {recipe['device']!r}: PyTorch sees no CUDA device here; use auto or cpu")
     if Path(recipe["out"]).exists():
         raise RecipeError(f"--out {recipe['out']} already exists; remove it or choose a new folder")
     if teacher_config["hidden_size"] // teacher_config["num_attention_heads"] < 32:
@@ -121,13 +124,22 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     teacher_config = validate_inputs(recipe)
     rt = setup_runtime(recipe["device"], recipe["seed"], stop_after)
     workdir = Path(recipe["workdir"])
+    new_workdir = not workdir.exists()
     setup_logging(workdir, rt.is_main)
     started = time.time()
     torch.manual_seed(recipe["seed"])
-    tokens = tokenize_corpus(recipe["data"], recipe["teacher"], workdir / "data", recipe["seq_len"],
-                             recipe["val_fraction"], recipe["max_tokens"], write=rt.is_main)
-    rt.barrier()
-    user_sets = [read_user_eval(p, recipe["teacher"], recipe["seq_len"]) for p in recipe["eval"]["files"]]
+    try:
+        tokens = tokenize_corpus(recipe["data"], recipe["teacher"], workdir / "data", recipe["seq_len"],
+                                 recipe["val_fraction"], recipe["max_tokens"], write=rt.is_main)
+        rt.barrier()
+        user_sets = [read_user_eval(p, recipe["teacher"], recipe["seq_len"]) for p in recipe["eval"]["files"]]
+    except DataError:
+        if new_workdir and rt.is_main:  # unusable data: leave no workdir behind
+            for handler in log.handlers:
+                handler.close()
+            log.handlers.clear()
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
     if rt.is_main:
         (workdir / "recipe.json").write_text(json.dumps(recipe, indent=2))
     log.info("teacher %s (%s, %d layers); %d training tokens; device %s, %d process(es)", recipe["teacher"],

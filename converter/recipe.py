@@ -1,87 +1,213 @@
-"""The conversion recipe: plain nested values with defaults, read from YAML or JSON and
-overridden by the command line (nanoGPT-style configuration, no hidden state).
+"""The conversion recipe: one typed schema (pydantic) with defaults, read from YAML or
+JSON and overridden by the command line (nanoGPT-style configuration, no hidden state).
 
-Every key the converter reads is listed in `DEFAULT_RECIPE`; an unknown key in a recipe
-file is an error naming it, so a typo never silently falls back to a default.
+`build_recipe` validates every key, type and range before any stage runs and returns
+plain nested values (`recipe["supernet"]["steps"]`). An unknown key is an error naming
+it, so a typo never silently falls back to a default; numbers may be written the way
+people write them (`lr: 1e-3`, which YAML reads as a string, is the number 0.001).
 """
 
 from __future__ import annotations
 
-import copy
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, field_serializer, field_validator
 
 
 class RecipeError(ValueError):
     """A recipe value or command-line flag the converter cannot use."""
 
 
-DEFAULT_RECIPE: dict[str, Any] = {
-    "teacher": None,           # Hugging Face folder (Qwen2 / Qwen2.5 / Qwen3 / Llama layout)
-    "data": [],                # local .txt/.py/.md/.jsonl files or folders, or a `datasets` name
-    "workdir": None,           # stage checkpoints, logs, cached tokens
-    "out": None,               # the exported checkpoint folder (created at the very end)
-    "seed": 0,
-    "device": "auto",          # auto | cpu | cuda | cuda:N
-    "seq_len": 256,            # training and evaluation context
-    "batch_size": 8,           # sequences per optimiser step (split over processes)
-    "val_fraction": 0.05,      # held-out share of the tokens
-    "max_tokens": 20_000_000,  # cap on tokenised data
-    "save_every": 50,          # checkpoint period in optimiser steps
-    "budget": {
-        "attn": 2,             # full-attention layers kept
-        "swa": 1,              # sliding-window layers kept
-        "swa_window": 64,      # keys a sliding-window query sees (itself included)
-    },
-    "jet": {                   # JetBlock of the super-network (and the base of the grid search)
-        "num_heads": 4, "head_dim": 32, "expand_v": 2.0, "conv_size": 4,
-        "dconv_generator_reduction": 8, "norm_eps": "1e-5",
-    },
-    "state_size": None,        # recurrent-state elements per JetBlock (H*K*V); None: from `jet`
-    "supernet": {"steps": 200, "lr": 1e-3, "warmup": 20},
-    "placement": {
-        "beam_width": 2,
-        "eval_batches": 8,          # validation batches per candidate placement
-        "retrieval_samples": 64,    # retrieval prompts per candidate placement
-        "retrieval_value_len": 4,   # tokens of the value to recall
-        "weights": {"loss": 1.0, "retrieval": 1.0, "user": 1.0},
-    },
-    "blocks": {"candidates": ["jet", "gdn"], "steps": 60, "lr": 1e-3},
-    "hardware": {
-        "steps": 60, "lr": 1e-3,
-        "num_heads": [2, 4, 8],
-        "head_dims": [32, 64, 128],
-        "expand_v": [1.0, 2.0, 4.0],
-        "min_relative_throughput": 0.9,  # of the base configuration's decode throughput
-        "max_candidates": 4,
-    },
-    "final": {"steps": 300, "lr": 5e-4, "warmup": 20, "trainable": "all"},  # all | mixers
-    "baselines": {"placements": [], "steps": 0},  # e.g. [uniform, all_jet], for the report
-    "draft": {"num_layers": 1, "steps": 150, "lr": 1e-3, "num_speculative_tokens": 3},
-    "eval": {"files": []},      # jsonl with `prompt` and `answer`, scored by answer loss
-    "export": {"dtype": "bfloat16"},
-}
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("Input should be a number, not a boolean")
+    return value
+
+
+# Integers must be written as integers; numbers may be strings ("1e-3", as YAML reads it).
+PositiveInt = Annotated[StrictInt, Field(gt=0)]
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+Number = Annotated[float, BeforeValidator(_no_bool)]
+PositiveFloat = Annotated[Number, Field(gt=0)]
+NonNegativeFloat = Annotated[Number, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class Budget(_Section):
+    attn: NonNegativeInt = 2        # full-attention layers kept
+    swa: NonNegativeInt = 1         # sliding-window layers kept
+    swa_window: PositiveInt = 64    # keys a sliding-window query sees (itself included)
+
+
+class JetSettings(_Section):
+    """The JetBlock of the super-network (and the base of the grid search)."""
+
+    num_heads: PositiveInt = 4
+    head_dim: PositiveInt = 32
+    expand_v: PositiveFloat = 2.0
+    conv_size: PositiveInt = 4
+    dconv_generator_reduction: PositiveInt = 8
+    norm_eps: PositiveFloat = 1e-5
+
+    @field_serializer("norm_eps")
+    def _official_norm_eps(self, value: float) -> str:
+        # the official config.json writes it as a string: "1e-5"
+        return re.sub(r"e([+-])0+(\d)", r"e\1\2", f"{value:g}")
+
+
+class Supernet(_Section):
+    steps: NonNegativeInt = 200
+    lr: PositiveFloat = 1e-3
+    warmup: NonNegativeInt = 20
+
+
+class PlacementWeights(_Section):
+    loss: NonNegativeFloat = 1.0
+    retrieval: NonNegativeFloat = 1.0
+    user: NonNegativeFloat = 1.0
+
+
+class Placement(_Section):
+    beam_width: PositiveInt = 2
+    eval_batches: PositiveInt = 8          # validation batches per candidate placement
+    retrieval_samples: PositiveInt = 64    # retrieval prompts per candidate placement
+    retrieval_value_len: PositiveInt = 4   # tokens of the value to recall
+    weights: PlacementWeights = PlacementWeights()
+
+
+class Blocks(_Section):
+    candidates: Annotated[list[Literal["jet", "gdn"]], Field(min_length=1)] = ["jet", "gdn"]
+    steps: NonNegativeInt = 60
+    lr: PositiveFloat = 1e-3
+
+
+class Hardware(_Section):
+    steps: NonNegativeInt = 60
+    lr: PositiveFloat = 1e-3
+    num_heads: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 4, 8]
+    head_dims: Annotated[list[PositiveInt], Field(min_length=1)] = [32, 64, 128]
+    expand_v: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 2.0, 4.0]
+    min_relative_throughput: NonNegativeFloat = 0.9  # of the base configuration's decode throughput
+    max_candidates: PositiveInt = 4
+
+
+class Final(Supernet):
+    steps: NonNegativeInt = 300
+    lr: PositiveFloat = 5e-4
+    trainable: Literal["all", "mixers"] = "all"
+
+
+class Baselines(_Section):
+    placements: list[Literal["uniform", "all_jet"]] = []
+    steps: NonNegativeInt = 0
+
+
+class Draft(_Section):
+    num_layers: PositiveInt = 1
+    steps: NonNegativeInt = 150
+    lr: PositiveFloat = 1e-3
+    num_speculative_tokens: PositiveInt = 3
+
+    @field_validator("num_layers")
+    @classmethod
+    def _one_layer(cls, value: int) -> int:
+        # vLLM (0.32) asserts that all draft layers share one KV-cache group; with a hybrid
+        # target it groups full-attention layers one per group whenever some layer kind
+        # has a single layer, so a deeper draft would not load.
+        if value != 1:
+            raise ValueError("must be 1 (vLLM needs every draft layer in one KV-cache group)")
+        return value
+
+
+class Eval(_Section):
+    files: list[str] = []  # jsonl with `prompt` and `answer`, scored by answer loss
+
+
+class Export(_Section):
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class Recipe(_Section):
+    teacher: str | None = None     # Hugging Face folder (Qwen2 / Qwen2.5 / Qwen3 / Llama layout)
+    data: list[str] = []           # local .txt/.py/.md/.jsonl files or folders, or a `datasets` name
+    workdir: str | None = None     # stage checkpoints, logs, cached tokens
+    out: str | None = None         # the exported checkpoint folder (created at the very end)
+    seed: NonNegativeInt = 0
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")] = "auto"
+    seq_len: PositiveInt = 256     # training and evaluation context
+    batch_size: PositiveInt = 8    # sequences per optimiser step (split over processes)
+    val_fraction: Annotated[Number, Field(gt=0, lt=1)] = 0.05  # held-out share of the tokens
+    max_tokens: PositiveInt = 20_000_000  # cap on tokenised data
+    save_every: PositiveInt = 50   # checkpoint period in optimiser steps
+    budget: Budget = Budget()
+    jet: JetSettings = JetSettings()
+    state_size: PositiveInt | None = None  # recurrent-state elements per JetBlock (H*K*V); None: from `jet`
+    supernet: Supernet = Supernet()
+    placement: Placement = Placement()
+    blocks: Blocks = Blocks()
+    hardware: Hardware = Hardware()
+    final: Final = Final()
+    baselines: Baselines = Baselines()  # e.g. placements [uniform, all_jet], for the report
+    draft: Draft = Draft()
+    eval: Eval = Eval()
+    export: Export = Export()
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_source(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
 
 STAGE_STEP_KEYS = ("supernet", "blocks", "hardware", "final", "baselines", "draft")
 
 
-def _merge(base: dict, update: dict, where: str) -> dict:
-    out = copy.deepcopy(base)
+def _expected(error: dict) -> str:
+    """What a pydantic error says was expected, in the recipe's words."""
+    if error["type"] == "string_pattern_mismatch":
+        return "expected auto, cpu, cuda or cuda:N"
+    if error["type"] == "model_type":
+        return "expected a mapping"
+    return error["msg"].replace("Value error, ", "")
+
+
+def _known_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        model = model.model_fields[part].annotation
+    return sorted(model.model_fields)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        loc = tuple(e["loc"])
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)[1:]
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown recipe key {key!r}; known keys here: {_known_keys(loc)}")
+        else:
+            lines.append(f"recipe key {key} = {e['input']!r}: {_expected(e)}")
+    return "; ".join(lines)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """`update` over `base`, mapping into mapping (no checks: the schema does them)."""
+    out = dict(base)
     for key, value in update.items():
-        if key not in base:
-            raise RecipeError(f"unknown recipe key {where}{key!r}; known keys: {sorted(base)}")
-        if isinstance(base[key], dict) and value is not None:
-            if not isinstance(value, dict):
-                raise RecipeError(f"recipe key {where}{key} must be a mapping, got {value!r}")
-            # free-form mappings (the jet settings) accept only known keys too
-            out[key] = _merge(base[key], value, f"{where}{key}.")
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
         else:
             out[key] = value
     return out
 
 
 def read_recipe_file(path: str | Path) -> dict:
+    """The values of a YAML or JSON recipe file, relative paths made absolute."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
@@ -89,11 +215,22 @@ def read_recipe_file(path: str | Path) -> dict:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text) or {}
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise RecipeError(f"recipe file {path}: YAML syntax error{where}: "
+                              f"{getattr(error, 'problem', None) or error}") from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise RecipeError(f"recipe file {path}: invalid JSON at line {error.lineno}, "
+                              f"column {error.colno}: {error.msg}") from None
+    values = {} if values is None else values
     if not isinstance(values, dict):
-        raise RecipeError(f"recipe file {path} must hold a mapping at the top level")
+        raise RecipeError(f"recipe file {path} must hold a mapping at the top level, got {type(values).__name__}")
     # relative paths in a recipe are relative to the recipe file
     for key in ("teacher", "workdir", "out"):
         if isinstance(values.get(key), str) and not Path(values[key]).is_absolute():
@@ -101,42 +238,20 @@ def read_recipe_file(path: str | Path) -> dict:
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
     if isinstance(values.get("data"), list):
-        values["data"] = [str((path.parent / d).resolve()) if (path.parent / d).exists() else d
-                          for d in values["data"]]
+        values["data"] = [str((path.parent / d).resolve()) if isinstance(d, str) and (path.parent / d).exists()
+                          else d for d in values["data"]]
     return values
 
 
 def build_recipe(file_values: dict | None = None, overrides: dict | None = None) -> dict:
-    """DEFAULT_RECIPE <- recipe file <- command-line overrides, then checked."""
-    recipe = _merge(DEFAULT_RECIPE, file_values or {}, "")
-    recipe = _merge(recipe, overrides or {}, "")
+    """Defaults <- recipe file <- command-line overrides, validated; plain nested values."""
+    try:
+        recipe = Recipe.model_validate(_merge(file_values or {}, overrides or {})).model_dump()
+    except ValidationError as error:
+        raise RecipeError(_describe(error)) from None
     for key in ("teacher", "workdir", "out"):
         if not recipe[key]:
             raise RecipeError(f"no {key!r} given: set it in the recipe or pass --{key}")
     if not recipe["data"]:
         raise RecipeError("no training data given: set `data` in the recipe or pass --data")
-    for key in ("seq_len", "batch_size", "save_every"):
-        if not isinstance(recipe[key], int) or recipe[key] <= 0:
-            raise RecipeError(f"recipe key {key} must be a positive integer, got {recipe[key]!r}")
-    budget = recipe["budget"]
-    for key in ("attn", "swa"):
-        if not isinstance(budget[key], int) or budget[key] < 0:
-            raise RecipeError(f"budget.{key} must be a non-negative integer, got {budget[key]!r}")
-    unknown = set(recipe["blocks"]["candidates"]) - {"jet", "gdn"}
-    if unknown or not recipe["blocks"]["candidates"]:
-        raise RecipeError(f"blocks.candidates must be a non-empty subset of ['jet', 'gdn'], "
-                          f"got {recipe['blocks']['candidates']!r}")
-    unknown = set(recipe["baselines"]["placements"]) - {"uniform", "all_jet"}
-    if unknown:
-        raise RecipeError(f"baselines.placements must be a subset of ['uniform', 'all_jet'], got {sorted(unknown)}")
-    if recipe["final"]["trainable"] not in ("all", "mixers"):
-        raise RecipeError(f"final.trainable must be 'all' or 'mixers', got {recipe['final']['trainable']!r}")
-    if recipe["draft"]["num_layers"] != 1:
-        # vLLM (0.32) asserts that all draft layers share one KV-cache group; with a hybrid
-        # target it groups full-attention layers one per group whenever some layer kind
-        # has a single layer, so a deeper draft would not load.
-        raise RecipeError(f"draft.num_layers must be 1 (vLLM needs every draft layer in one "
-                          f"KV-cache group), got {recipe['draft']['num_layers']!r}")
-    if recipe["export"]["dtype"] not in ("bfloat16", "float16", "float32"):
-        raise RecipeError(f"export.dtype must be bfloat16, float16 or float32, got {recipe['export']['dtype']!r}")
     return recipe

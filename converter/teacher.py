@@ -12,10 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_jetnemotron.config import JetNemotronConfig
+
+from .recipe import NonNegativeInt, PositiveInt
 
 log = logging.getLogger("jet_nemotron_convert")
 
@@ -33,6 +37,49 @@ class TeacherError(ValueError):
     """A teacher folder the converter cannot use."""
 
 
+class TeacherFields(BaseModel):
+    """The `config.json` fields the converter reads, with the types Hugging Face writes."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    architectures: Annotated[list[str], Field(min_length=1)]
+    vocab_size: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_hidden_layers: PositiveInt
+    num_attention_heads: PositiveInt
+    num_key_value_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    max_position_embeddings: PositiveInt | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: Annotated[float, Field(gt=0, strict=False)] | None = None
+    rope_theta: Annotated[float, Field(gt=0, strict=False)] | None = None
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: NonNegativeInt | list[NonNegativeInt] | None = None
+    eos_token_id: NonNegativeInt | list[NonNegativeInt] | None = None
+
+
+def _read_teacher_config(config_file: Path) -> dict:
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise TeacherError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise TeacherError(f"{config_file} must hold a JSON object, got {type(config).__name__}")
+    try:
+        TeacherFields.model_validate(config)
+    except ValidationError as error:
+        problems = []
+        for e in error.errors():
+            field = ".".join(str(p) for p in e["loc"])
+            value = "missing" if e["type"] == "missing" else f"{e['input']!r}: {e['msg']}"
+            problems.append(f"{field} is {value}")
+        raise TeacherError(f"{config_file}: " + "; ".join(problems)) from None
+    return config
+
+
 def check_teacher(path: str | Path) -> dict:
     """Validate the teacher folder without loading weights; returns its config dict."""
     path = Path(path)
@@ -41,7 +88,7 @@ def check_teacher(path: str | Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise TeacherError(f"teacher folder {path} has no config.json (expected a Hugging Face model folder)")
-    config = json.loads(config_file.read_text())
+    config = _read_teacher_config(config_file)
     architectures = config.get("architectures") or []
     if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise TeacherError(

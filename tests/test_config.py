@@ -70,6 +70,13 @@ DELETE = object()
     ({"num_key_value_heads": 5}, r"num_key_value_heads \(5\) must divide num_attention_heads"),
     ({"efficient_attention_config__jet__num_heads": 0}, "efficient_attention_config.jet.num_heads must be a positive integer"),
     ({"efficient_attention_config__swa__window_size": -4}, "swa.window_size must be a positive integer"),
+    ({"hidden_size": "256"}, r"hidden_size must be of type int, got '256' \(str\)"),
+    ({"num_hidden_layers": 28.0}, r"num_hidden_layers must be of type int, got 28.0 \(float\)"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be of type bool, got 'yes'"),
+    ({"rms_norm_eps": "small"}, "rms_norm_eps must be of type float, got 'small'"),
+    ({"vocab_size": True}, "vocab_size must be of type int, got True"),
+    ({"layer_types": ["jet"] * 27 + [3]}, r"layer_types must be of type list\[str\] \| None, got \["),
+    ({"efficient_attention_config": "jet"}, r"efficient_attention_config must be of type dict \| None"),
 ])
 def test_malformed_config_names_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import as_inputs, greedy, running_llm, token_ids
 from vllm_jetnemotron.config import JetNemotronConfig
 from vllm_jetnemotron.converter import cli, demo_teacher
+from vllm_jetnemotron.converter.recipe import build_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-test.yaml"
 NEW_TOKENS = 16
@@ -132,35 +133,80 @@ def test_torchrun_two_processes_complete_a_stage(teacher, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _bad_teacher(tmp_path, teacher, kind):
-    path = tmp_path / "bad-teacher"
-    shutil.copytree(teacher[0], path)
-    if kind == "no_config":
-        (path / "config.json").unlink()
-    elif kind == "no_weights":
-        (path / "model.safetensors").unlink()
-    elif kind == "architecture":
-        config = json.loads((path / "config.json").read_text())
-        config["architectures"] = ["GPT2LMHeadModel"]
-        (path / "config.json").write_text(json.dumps(config))
+TEACHER_EDITS = {
+    "no_config": lambda path: (path / "config.json").unlink(),
+    "no_weights": lambda path: (path / "model.safetensors").unlink(),
+    "truncated_config": lambda path: (path / "config.json").write_text((path / "config.json").read_text()[:40]),
+    "config_not_object": lambda path: (path / "config.json").write_text("[1, 2]"),
+    "architecture": lambda path: _edit_config(path, architectures=["GPT2LMHeadModel"]),
+    "no_hidden_size": lambda path: _edit_config(path, hidden_size=None),
+    "layers_as_text": lambda path: _edit_config(path, num_hidden_layers="four"),
+}
+
+RECIPE_EDITS = {  # dotted key -> value written into the recipe file
+    "deep_draft": ("draft.num_layers", 2),
+    "steps_as_text": ("supernet.steps", "many"),
+    "window_as_text": ("budget.swa_window", "big"),
+    "heads_as_text": ("jet.num_heads", "four"),
+    "val_fraction": ("val_fraction", 2.0),
+    "device": ("device", "tpu"),
+    "unknown_key": ("final.stepz", 3),
+}
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _edited_recipe(tmp_path, key, value) -> str:
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    *sections, leaf = key.split(".")
+    node = recipe
+    for section in sections:
+        node = node.setdefault(section, {})
+    node[leaf] = value
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
     return str(path)
 
 
 @pytest.mark.parametrize("case, message", [
     ("no_config", "has no config.json"),
     ("no_weights", "has no weights"),
+    ("truncated_config", "config.json is not valid JSON"),
+    ("config_not_object", "config.json must hold a JSON object, got list"),
     ("architecture", "unsupported architecture ['GPT2LMHeadModel']"),
+    ("no_hidden_size", "config.json: hidden_size is missing"),
+    ("layers_as_text", "config.json: num_hidden_layers is 'four': Input should be a valid integer"),
     ("missing_teacher", "does not exist"),
     ("budget", "budget asks for 5 attn + 1 swa layers but the teacher"),
     ("empty_folder", "holds no text files"),
     ("empty_file", "at least"),
     ("missing_data", "data path"),
-    ("deep_draft", "draft.num_layers must be 1"),
+    ("deep_draft", "recipe key draft.num_layers = 2: must be 1"),
+    ("steps_as_text", "recipe key supernet.steps = 'many': Input should be a valid integer"),
+    ("window_as_text", "recipe key budget.swa_window = 'big': Input should be a valid integer"),
+    ("heads_as_text", "recipe key jet.num_heads = 'four': Input should be a valid integer"),
+    ("val_fraction", "recipe key val_fraction = 2.0: Input should be less than 1"),
+    ("device", "recipe key device = 'tpu': expected auto, cpu, cuda or cuda:N"),
+    ("unknown_key", "unknown recipe key 'final.stepz'; known keys here: ['lr', 'steps', 'trainable', 'warmup']"),
+    ("yaml_syntax", "recipe.yaml: YAML syntax error at line 2, column"),
 ])
 def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message):
+    """Exit status 2 and one line naming the problem, before anything is written."""
     teacher_dir, data, extra = teacher[0], teacher[1], []
-    if case in ("no_config", "no_weights", "architecture"):
-        teacher_dir = _bad_teacher(tmp_path, teacher, case)
+    if case in TEACHER_EDITS:
+        teacher_dir = str(tmp_path / "bad-teacher")
+        shutil.copytree(teacher[0], teacher_dir)
+        TEACHER_EDITS[case](Path(teacher_dir))
     elif case == "missing_teacher":
         teacher_dir = str(tmp_path / "nowhere")
     elif case == "budget":
@@ -174,14 +220,28 @@ def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message
     elif case == "missing_data":
         data = str(tmp_path / "missing.txt")
     args = convert_args((teacher_dir, data), tmp_path / "work", tmp_path / "out", *extra)
-    if case == "deep_draft":
+    if case in RECIPE_EDITS:
+        args[0] = _edited_recipe(tmp_path, *RECIPE_EDITS[case])
+    elif case == "yaml_syntax":
         args[0] = str(tmp_path / "recipe.yaml")
-        Path(args[0]).write_text(RECIPE.read_text().replace("draft: {num_layers: 1", "draft: {num_layers: 2"))
-    out = tmp_path / "out"
+        Path(args[0]).write_text("seq_len: 64\nbudget: {attn: 1, swa: [1}\n")
     code = cli.main(args)
-    assert code == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists()
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_recipe_numbers_as_people_write_them():
+    """YAML reads `1e-3` as a string; the schema takes it as the number it is."""
+    import yaml
+
+    values = yaml.safe_load("supernet: {lr: 1e-3}\njet: {norm_eps: 1e-6}\n")
+    assert values["supernet"]["lr"] == "1e-3"
+    recipe = build_recipe(values, {"teacher": "t", "workdir": "w", "out": "o", "data": ["d"]})
+    assert recipe["supernet"]["lr"] == 1e-3 and recipe["supernet"]["steps"] == 200
+    assert recipe["jet"]["norm_eps"] == "1e-6"  # written the official way
 
 
 def test_all_attention_student_equals_the_teacher(teacher):

@@ -85,11 +85,15 @@ def test_wrong_shape_names_tensor_and_both_shapes(checkpoint_copy, capfd):
     assert_engine_error_mentions(error, capfd, f"{name!r} has shape (3,) but config.json implies (2,)")
 
 
-def test_malformed_config_fails_before_loading(checkpoint_copy):
+@pytest.mark.parametrize("edit, message", [
+    (lambda config: config["layer_types"].__setitem__(1, "mamba"), r"layer_types\[1\] is 'mamba'"),
+    (lambda config: config.__setitem__("hidden_size", "256"), r"hidden_size must be of type int, got '256'"),
+])
+def test_malformed_config_fails_before_loading(checkpoint_copy, edit, message):
     config = json.loads((checkpoint_copy / "config.json").read_text())
-    config["layer_types"][1] = "mamba"
+    edit(config)
     (checkpoint_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(Exception, match=r"layer_types\[1\] is 'mamba'"), running_llm(str(checkpoint_copy)):
+    with pytest.raises(Exception, match=message), running_llm(str(checkpoint_copy)):
         pass
 
 

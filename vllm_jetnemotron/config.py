@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,36 @@ def _positive_int(value: Any, field: str) -> int:
     return value
 
 
+def _has_type(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value fits a parameter annotation (int | None, list[str], ...);
+    bool is no int, an int is a float."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if origin is not None:
+        return isinstance(value, origin)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _check_argument_types(init, arguments: dict[str, Any]) -> None:
+    """Raise `JetNemotronConfigError` naming the first argument whose value does not have
+    the type its annotation in `init` gives (checked before transformers sees any)."""
+    for name, annotation in typing.get_type_hints(init).items():
+        if name in arguments and name != "return" and not _has_type(arguments[name], annotation):
+            expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            raise JetNemotronConfigError(
+                f"{name} must be of type {expected}, got {arguments[name]!r} "
+                f"({type(arguments[name]).__name__})")
+
+
 @strict
 class JetNemotronConfig(PreTrainedConfig):
     """Configuration of a Jet-Nemotron hybrid model (official schema)."""
@@ -82,10 +114,11 @@ class JetNemotronConfig(PreTrainedConfig):
         attention_dropout: float = 0.0,
         layer_types: list[str] | None = None,
         efficient_attention_config: dict | None = None,
-        bos_token_id: int = 151643,
-        eos_token_id: int = 151643,
+        bos_token_id: int | list[int] | None = 151643,
+        eos_token_id: int | list[int] | None = 151643,
         **kwargs,
     ):
+        _check_argument_types(JetNemotronConfig.__init__, locals())
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
