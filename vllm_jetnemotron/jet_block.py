@@ -85,20 +85,28 @@ class JetBlock(nn.Module, MambaBase):
         quant_config = vllm_config.quant_config
         hidden = config.hidden_size
 
-        # q, k, v (raw values u), g (output gate z), b (beta), a (decay): one GEMM.
+        # q, k, v (raw values u), g (output gate z): one GEMM; b (beta) and a (decay),
+        # H outputs each, another (as in vLLM's Qwen3-Next), so that the large one keeps
+        # the output size quantized kernels need (a multiple of 32) and the gates can
+        # stay unquantized.
         self.in_proj = MergedColumnParallelLinear(
             hidden,
-            [d.key_dim, d.key_dim, d.value_dim, d.value_dim, d.num_heads, d.num_heads],
+            [d.key_dim, d.key_dim, d.value_dim, d.value_dim],
             bias=False,
             quant_config=quant_config,
             prefix=f"{prefix}.in_proj",
         )
+        self.in_proj_ba = MergedColumnParallelLinear(
+            hidden, [d.num_heads, d.num_heads], bias=False, quant_config=quant_config,
+            prefix=f"{prefix}.in_proj_ba")
         # Dynamic-conv filter generator: the bottleneck is needed whole on every rank;
         # the filters ('(d w)' layout, W per channel) split with the value channels.
         self.kernel_w1 = ReplicatedLinear(
-            hidden, d.generator_dim, bias=False, prefix=f"{prefix}.kernel_w1")
+            hidden, d.generator_dim, bias=False, quant_config=quant_config,
+            prefix=f"{prefix}.kernel_w1")
         self.kernel_w2 = ColumnParallelLinear(
-            d.generator_dim, d.value_dim * d.conv_size, bias=True, prefix=f"{prefix}.kernel_w2")
+            d.generator_dim, d.value_dim * d.conv_size, bias=True, quant_config=quant_config,
+            prefix=f"{prefix}.kernel_w2")
         self.A_log = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32))
         set_weight_attrs(self.A_log, {"weight_loader": sharded_weight_loader(0)})
@@ -135,8 +143,9 @@ class JetBlock(nn.Module, MambaBase):
         T = hidden_states.shape[0]
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         proj, _ = self.in_proj(hidden_states)
-        q, k, u, z, b, a = proj.split(
-            [self.key_dim, self.key_dim, self.value_dim, self.value_dim, H, H], dim=-1)
+        q, k, u, z = proj.split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
+        gates, _ = self.in_proj_ba(hidden_states)
+        b, a = gates.split([H, H], dim=-1)
         q = F.silu(q).view(T, H, K)
         k = F.silu(k).view(T, H, K)
         bottleneck, _ = self.kernel_w1(hidden_states)

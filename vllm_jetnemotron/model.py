@@ -152,8 +152,8 @@ JET_STACKED = [
     (".k_proj.", ".in_proj.", 1),
     (".v_proj.", ".in_proj.", 2),
     (".g_proj.", ".in_proj.", 3),
-    (".b_proj.", ".in_proj.", 4),
-    (".a_proj.", ".in_proj.", 5),
+    (".b_proj.", ".in_proj_ba.", 0),
+    (".a_proj.", ".in_proj_ba.", 1),
     (".dynamic_conv1d.kernel_generator.w1.", ".kernel_w1.", None),
     (".dynamic_conv1d.kernel_generator.w2.", ".kernel_w2.", None),
     (".o_norm.weight", ".o_norm_weight", None),
@@ -163,9 +163,26 @@ MLP_STACKED = [
     (".up_proj.", ".gate_up_proj.", 1),
 ]
 _LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+# compressed-tensors stores a quantized linear `X.weight` as `X.weight` (int8) or
+# `X.weight_packed` (4-bit, with its `X.weight_shape`) plus scales and zero points, each
+# loaded by vLLM's quantized parameter of the same name.
+_QUANTIZED_TENSOR = re.compile(
+    r"^(?P<linear>.+)\.(?:weight_packed|weight_shape|weight_scale|weight_zero_point|weight_g_idx"
+    r"|input_scale|input_zero_point)$")
 
 
 class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3):
+    # vLLM layer -> the checkpoint's layers it holds, for matching quantization schemes
+    # (and their `ignore` lists) written against official names.
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "in_proj": ["q_proj", "k_proj", "v_proj", "g_proj"],
+        "in_proj_ba": ["b_proj", "a_proj"],
+        "kernel_w1": ["dynamic_conv1d.kernel_generator.w1"],
+        "kernel_w2": ["dynamic_conv1d.kernel_generator.w2"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config: JetNemotronConfig = vllm_config.model_config.hf_config
@@ -215,11 +232,22 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3)
         return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load official-format tensors, checking each name and shape against the config."""
+        """Load official-format tensors, checking each name and shape against the config
+        (a quantized linear by its int8 `weight` or its `weight_shape`)."""
         expected = checkpoint_tensor_shapes(self.config)
         params = dict(self.named_parameters())
+        quantized = self.vllm_config.quant_config is not None
         loaded: set[str] = set()
         for name, weight in weights:
+            match = _QUANTIZED_TENSOR.match(name) if quantized else None
+            if match and f"{match['linear']}.weight" in expected:
+                shape = expected[f"{match['linear']}.weight"]
+                if name.endswith(".weight_shape") and tuple(weight.tolist()) != shape:
+                    raise ValueError(f"checkpoint tensor {name!r} says the weight is "
+                                     f"{tuple(weight.tolist())} but config.json implies {shape}")
+                self._load_tensor(name, weight, params)
+                loaded.add(f"{match['linear']}.weight")
+                continue
             if name not in expected:
                 if self.config.tie_word_embeddings and name == "lm_head.weight":
                     continue  # some tied checkpoints still store it
@@ -230,19 +258,25 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3)
             if tuple(weight.shape) != expected[name]:
                 raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(weight.shape)} but "
                                  f"config.json implies {expected[name]}")
-            param_name, shard_id = self._param_for(name)
-            param = params[param_name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, weight)
-            else:
-                loader(param, weight, shard_id)
+            self._load_tensor(name, weight, params)
             loaded.add(name)
         missing = sorted(set(expected) - loaded)
         if missing:
             shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config needs: {shown}")
         return set(params)
+
+    def _load_tensor(self, name: str, weight: torch.Tensor, params: dict[str, nn.Parameter]) -> None:
+        param_name, shard_id = self._param_for(name)
+        if param_name not in params:
+            raise ValueError(f"checkpoint tensor {name!r} has no parameter {param_name!r} to load "
+                             f"into: does quantization_config in config.json cover this layer?")
+        param = params[param_name]
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard_id is None:
+            loader(param, weight)
+        else:
+            loader(param, weight, shard_id)
 
     def _param_for(self, name: str) -> tuple[str, str | int | None]:
         match = _LAYER_INDEX.match(name)
