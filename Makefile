@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-$(EXTRAS)
 
 # Default: the demo model `make demo-model` builds on first use (about 20 min here).
 MODEL ?= models/demo-jet-nemotron
+# Loopback only; HOST=0.0.0.0 serves other machines (then require an API key: README.md).
+HOST ?= 127.0.0.1
 PORT ?= 8000
 # On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget.
 SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648 --max-model-len 8192
@@ -32,7 +34,7 @@ models/random-small: | setup
 	$(PY) -m vllm_jetnemotron.converter.random_checkpoint $@ --preset small
 
 serve: setup $(if $(filter models/%,$(MODEL)),$(MODEL))
-	$(PY) -m vllm_jetnemotron serve $(MODEL) --port $(PORT) $(SERVE_ARGS)
+	$(PY) -m vllm_jetnemotron serve $(MODEL) --host $(HOST) --port $(PORT) $(SERVE_ARGS)
 
 bench: setup
 	$(PY) bench/decode_throughput.py

