@@ -4,6 +4,7 @@ speculative draft and a report.
 
     jet-nemotron-convert recipes/demo.yaml --out models/converted
     torchrun --nproc-per-node 2 -m vllm_jetnemotron.converter recipe.yaml   # DDP
+    jet-nemotron-convert quantize CHECKPOINT OUT --scheme w8a8   # see quantize.py
 
 Stages (DESIGN.md section 5) run in order, each resumable in the workdir: re-running the
 same command after a kill continues from the last saved step; finished stages are
@@ -204,6 +205,11 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quantize"]:
+        from .quantize import main as quantize_main
+
+        return quantize_main(argv[1:])
     args = parse_args(argv)
     try:
         file_values = read_recipe_file(args.recipe) if args.recipe else {}
