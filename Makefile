@@ -72,3 +72,12 @@ GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(if $(FLA_DIR),--fla-dir $(FLA_DIR)) $(GPU_CHECK_ARGS)
+
+# A server under bounded random traffic for 10 minutes, then checks that nothing leaked: no
+# failed request, no state slot held, engine RSS within 5%, greedy probes unchanged
+# (bench/README.md). SOAK_ARGS: more options (.venv/bin/python bench/soak.py --help).
+SOAK_ARGS ?=
+
+.PHONY: soak
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
