@@ -8,8 +8,8 @@ Schemes (compressed-tensors presets): `w8a8` = INT8_W8A8 (int8 weights, one symm
 scale per output channel; int8 activations with a dynamic per-token scale), `w4a16` =
 W4A16 (int4 weights, one symmetric scale per group of `--group-size` input features,
 default 128; activations stay in the checkpoint's dtype). Every nn.Linear of the decoder
-layers is quantized with round-to-nearest; embeddings, `lm_head`, norms, `A_log`,
-`dt_bias` and biases are copied unchanged. Scales come from each weight's range
+layers but the JetBlock gates `b_proj`/`a_proj` is quantized with round-to-nearest;
+those, embeddings, `lm_head`, norms, `A_log`, `dt_bias` and biases are copied unchanged. Scales come from each weight's range
 (compressed-tensors' `calculate_qparams`, what its `memoryless_minmax` observer
 computes), so no calibration data is needed. compressed-tensors applies the scheme,
 quantizes and packs the weights, and writes `quantization_config` into config.json.
@@ -47,7 +47,10 @@ from vllm_jetnemotron.config import JetNemotronConfig
 
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16"}  # compressed-tensors preset names (W8A8 = INT8_W8A8)
 TARGETS = ["Linear"]
-IGNORE = ["lm_head"]
+# The JetBlock gate projections (b, a: H outputs each) stay unquantized: vLLM runs them as
+# one small GEMM whose output size (2H) its 4-bit CPU kernel does not take (a multiple of
+# 32), and their bytes are a negligible share of the model.
+IGNORE = ["lm_head", r"re:.*\.b_proj$", r"re:.*\.a_proj$"]
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 

@@ -27,7 +27,7 @@ CONFIG = dict(
         "jet": {"num_heads": 4, "head_dim": 64, "expand_v": 2.0, "conv_size": 4,
                 "dconv_generator_reduction": 4, "norm_eps": "1e-5"},
         "swa": {"window_size": 64}})
-JET_LINEARS = ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj", "o_proj",
+JET_LINEARS = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj",  # b_proj, a_proj stay unquantized
                "dynamic_conv1d.kernel_generator.w1", "dynamic_conv1d.kernel_generator.w2")
 ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -72,7 +72,9 @@ def test_config_is_the_compressed_tensors_preset(checkpoint, quantized, scheme):
     assert qc["quant_method"] == "compressed-tensors"
     assert qc["format"] == {"w8a8": "int-quantized", "w4a16": "pack-quantized"}[scheme]
     assert qc["quantization_status"] == "compressed"
-    assert qc["ignore"] == ["lm_head"]
+    gates = [f"model.layers.{i}.self_attn.{n}" for i, kind in enumerate(CONFIG["layer_types"]) if kind == "jet"
+             for n in ("b_proj", "a_proj")]
+    assert sorted(qc["ignore"]) == sorted(["lm_head", *gates])  # as compressed-tensors lists them
     parsed = QuantizationConfig.model_validate(qc)
     group = parsed.config_groups["group_0"]
     preset = preset_name_to_scheme(PRESETS[scheme], ["Linear"])
