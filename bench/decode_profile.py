@@ -57,7 +57,7 @@ CORE = ("jet_block_core", "gdn_attention_core")
 ATTENTION = ("unified_attention", "kv_cache_update", "attention", "paged_attention", "cpu_attn", "sdpa",
              "scaled_dot_product", "flash_attn", "reshape_and_cache")
 GEMM = ("mkldnn", "onednn", "addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::linear",
-        "aten::matmul", "gemm", "_weight_packed")
+        "aten::matmul", "gemm", "weight_packed_linear", "int8_scaled_mm", "scaled_mm", "wna16")
 
 
 def _has(name: str, patterns) -> bool:

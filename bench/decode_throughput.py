@@ -307,7 +307,7 @@ def start_engine(kind: str, path: Path, args, max_len: int):
     t0 = time.monotonic()
     llm = LLM(model=str(path), dtype="bfloat16", load_format="dummy",
               kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
-              max_num_seqs=max(args.batch, 8), enforce_eager=True, enable_prefix_caching=True,
+              max_num_seqs=max(args.batch, 8), enforce_eager=not args.compile, enable_prefix_caching=True,
               disable_log_stats=False, seed=0,
               **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     return llm, time.monotonic() - t0
@@ -818,6 +818,9 @@ def parse_args(argv):
                         help="a random shared prompt per length, prefilled from scratch (default: each "
                              "length's prompt extends the previous one, whose prefix comes from the cache)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--compile", action="store_true",
+                        help="vLLM's torch.compile of the model (its CPU default; Inductor fuses the "
+                             "elementwise ops between GEMMs) instead of eager mode")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the throughput run: per-op time of one decode step per model "
                              "and length (engine in-process, torch.profiler); see bench/decode_profile.py")
@@ -878,7 +881,7 @@ def main(argv: list[str] | None = None) -> None:
             "decode_steps": args.decode_steps, "max_tokens_per_request": max_tokens_for(args),
             "engine": "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one spawned process per model",
             "kv_cache_memory_bytes": args.kv_bytes,
-            "max_model_len": max_len, "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": True,
+            "max_model_len": max_len, "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": not args.compile,
             "enable_prefix_caching": True, "models": args.models,
         },
         "mixers": mixer_summary(cfgs),
