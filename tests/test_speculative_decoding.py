@@ -142,3 +142,31 @@ def test_eagle3_equals_no_speculation(target, eagle3_draft, prompts, without_spe
         "method": "eagle3", "model": eagle3_draft, "num_speculative_tokens": 3})
     assert outputs == without_speculation
     assert counters["draft_tokens"] > 0, counters
+
+
+def test_one_token_prompt_joining_a_speculating_batch(target, prompts, without_speculation):
+    """A one-token prompt scheduled while the others speculate: vLLM pads it to the draft
+    length and runs it on the speculative path, which must start it from empty states,
+    not from what its slot's previous owner left (`jet_block_metadata.py`)."""
+    one_token = next(i for i, p in enumerate(prompts) if len(p) == 1)
+    with running_llm(target, speculative_config={
+            "method": "ngram", "num_speculative_tokens": 3,
+            "prompt_lookup_min": 1, "prompt_lookup_max": 4}) as llm:
+        engine, outputs = llm.llm_engine, {}
+
+        def step():
+            for output in engine.step():
+                if output.finished:
+                    outputs[output.request_id] = list(output.outputs[0].token_ids)
+
+        for i, prompt in enumerate(prompts):
+            if i != one_token:
+                engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy(NEW_TOKENS))
+        for _ in range(4):  # prefilled and speculating
+            step()
+        engine.add_request(str(one_token), {"prompt_token_ids": prompts[one_token]}, greedy(NEW_TOKENS))
+        while engine.has_unfinished_requests():
+            step()
+    by_index = {int(request_id.split("-")[0]): ids for request_id, ids in outputs.items()}
+    assert by_index[one_token] == without_speculation[one_token]
+    assert [by_index[i] for i in range(len(prompts))] == without_speculation

@@ -7,7 +7,7 @@ Per layer and sequence slot the cache holds two states:
   * recurrent state `[H / tp, K, V]` (flash-linear-attention's layout; vLLM's own GDN
     layers use `[H, V, K]`).
 The projections run in the (compilable) model graph; the stateful core runs behind the
-`jet_block_core` custom op, which reads `GDNAttentionMetadata` for this layer.
+`jet_block_core` custom op, which reads `JetBlockAttentionMetadata` (vLLM's GDN metadata, `jet_block_metadata.py`) for this layer.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ from vllm.utils.torch_utils import (
     _resolve_layer_name,
     direct_register_custom_op,
 )
-from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadata
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from vllm_jetnemotron import kernels as ops
 
 from .config import JetNemotronConfig
+from .jet_block_metadata import JetBlockAttentionBackend, JetBlockAttentionMetadata
 
 
 def jet_block_state_shapes(
@@ -131,6 +131,9 @@ class JetBlock(nn.Module, MambaBase):
     def mamba_type(self) -> MambaAttentionBackendEnum:
         return MambaAttentionBackendEnum.GDN_ATTN  # prefill/decode split + spec fields
 
+    def get_attn_backend(self) -> type[JetBlockAttentionBackend]:
+        return JetBlockAttentionBackend  # GDN's, plus which drafting sequences are new
+
     def get_state_shape(self) -> tuple[tuple[int, int], tuple[int, int, int]]:
         return jet_block_state_shapes(self.config, self.tp_size, self.num_spec)
 
@@ -181,7 +184,7 @@ class JetBlock(nn.Module, MambaBase):
         meta = attn_metadata.get(self.prefix) if isinstance(attn_metadata, dict) else None
         if meta is None:
             return  # profiling run: no states are bound yet
-        assert isinstance(meta, GDNAttentionMetadata)
+        assert isinstance(meta, JetBlockAttentionMetadata)
         conv_state, recurrent_state = self.kv_cache
         if self.conv_state_dim_first:
             conv_state = conv_state.transpose(-1, -2)  # [slots, dim, len] -> [slots, len, dim]
@@ -245,10 +248,24 @@ class JetBlock(nn.Module, MambaBase):
         cu_seqlens = meta.spec_query_start_loc[: n + 1]
         slots = meta.spec_state_indices_tensor[:n]  # [N, 1 + num_spec]
         accepted = meta.num_accepted_tokens[:n]
+        if meta.spec_has_initial_state is not None:
+            _clear_states_of_new_sequences(
+                slots, accepted, meta.spec_has_initial_state[:n], conv_state, recurrent_state)
         v = ops.dynamic_causal_conv_spec_decode(u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
         return ops.fused_recurrent_gated_delta_rule_varlen(
             q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
             cu_seqlens, recurrent_state, slots, accepted)
+
+
+def _clear_states_of_new_sequences(slots, accepted, has_state, conv_state, recurrent_state) -> None:
+    """Zero the states that drafting sequences without one start from (see
+    `jet_block_metadata`). Masked index copies: no host sync, CUDA-graph safe."""
+    start = slots.gather(1, (accepted.long() - 1)[:, None])[:, 0]  # [N] recurrent slot read
+    for pool, index in ((recurrent_state, start), (conv_state, slots[:, 0])):
+        keep = has_state | (index < 0)  # padded sequences: left alone
+        index = index.clamp(min=0).long()
+        mask = keep.view(-1, *([1] * (pool.dim() - 1)))
+        pool.index_copy_(0, index, pool.index_select(0, index).masked_fill_(~mask, 0))
 
 
 def jet_block_core(
