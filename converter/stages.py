@@ -74,8 +74,10 @@ class Context:
 
 # ----- shared pieces ------------------------------------------------------------------
 
-def is_done(stage_dir: Path) -> bool:
-    return (stage_dir / "done").is_file()
+def is_done(ctx: Context, stage_dir: Path) -> bool:
+    """Whether the stage finished in an earlier run, as the main process sees it (it
+    writes `done` when it finishes a stage, while the others may not have checked yet)."""
+    return ctx.rt.main_process_says((stage_dir / "done").is_file())
 
 
 def finish(ctx: Context, stage_dir: Path, result: dict) -> dict:
@@ -151,7 +153,7 @@ def jet_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def teacher_reference(ctx: Context) -> dict:
     stage_dir = ctx.workdir / "0-teacher"
-    if not is_done(stage_dir):
+    if not is_done(ctx, stage_dir):
         finish(ctx, stage_dir, evaluate(ctx, ctx.teacher_logits))
     ctx.teacher_metrics = read_result(stage_dir)
     return ctx.teacher_metrics
@@ -180,7 +182,7 @@ def sampled_layer_types(ctx: Context, step: int) -> list[str]:
 
 def stage_supernet(ctx: Context) -> dict:
     stage_dir = ctx.workdir / "1-supernet"
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     net = build_supernet(ctx)
     settings = ctx.recipe["supernet"]
@@ -198,7 +200,7 @@ def stage_placement(ctx: Context) -> dict:
     """Beam search: add `attn` layers one at a time (keeping `beam_width` best layouts),
     then `swa` layers the same way; every layout scored with the super-network."""
     stage_dir = ctx.workdir / "2-placement"
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     net = build_supernet(ctx)
@@ -250,7 +252,7 @@ def stage_placement(ctx: Context) -> dict:
 
 def stage_blocks(ctx: Context) -> dict:
     stage_dir = ctx.workdir / "3-blocks"
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
     settings = ctx.recipe["blocks"]
@@ -258,7 +260,7 @@ def stage_blocks(ctx: Context) -> dict:
     sources = jet_sources(ctx)
     for kind in settings["candidates"]:
         kind_dir = stage_dir / kind
-        if is_done(kind_dir):
+        if is_done(ctx, kind_dir):
             results[kind] = read_result(kind_dir)
             continue
         model = build_student(ctx.config(layer_types), ctx.teacher_tensors, kind, sources, seed=ctx.rt.seed)
@@ -301,7 +303,7 @@ def stage_hardware(ctx: Context) -> dict:
     the choice is the best score among candidates whose decode throughput reaches
     `min_relative_throughput` of the base settings'."""
     stage_dir = ctx.workdir / "4-hardware"
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     r = ctx.recipe
     settings = r["hardware"]
@@ -317,7 +319,7 @@ def stage_hardware(ctx: Context) -> dict:
     for jet in grid:
         label = jet_label(jet)
         cand_dir = stage_dir / label
-        if is_done(cand_dir):
+        if is_done(ctx, cand_dir):
             results[label] = read_result(cand_dir)
             continue
         model = build_student(ctx.config(layer_types, jet), ctx.teacher_tensors, block, (), seed=ctx.rt.seed)
@@ -359,7 +361,7 @@ def provenance(ctx: Context, block: str, layer_types: list[str]) -> dict:
 def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[str], jet: dict, block: str,
                   steps: int) -> dict:
     """Build, distil (final.* settings) and evaluate one layout; weights in model.pt."""
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     settings = ctx.recipe["final"]
     config = ctx.config(layer_types, jet, provenance(ctx, block, layer_types))
@@ -412,7 +414,7 @@ def stage_draft(ctx: Context) -> dict:
     one KV cache group): `draft.num_layers` evenly spaced teacher layers with the
     teacher's embeddings, distilled from the converted model."""
     stage_dir = ctx.workdir / "6-draft"
-    if is_done(stage_dir):
+    if is_done(ctx, stage_dir):
         return read_result(stage_dir)
     settings = ctx.recipe["draft"]
     n = min(settings["num_layers"], ctx.num_layers)

@@ -50,6 +50,15 @@ class Runtime:
         if self.world_size > 1:
             dist.barrier()
 
+    def main_process_says(self, value: bool) -> bool:
+        """The main process's `value`, on every process: for decisions that read files only
+        the main process writes (each process checking for itself can see it half-way)."""
+        if self.world_size == 1:
+            return value
+        flag = torch.tensor([int(value)], device=self.device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
 
 def setup_runtime(device: str, seed: int, stop_after: int | None = None) -> Runtime:
     """Pick the device and join the process group when started by torchrun."""
