@@ -3,6 +3,11 @@ reference model, and real vLLM engines (each started once and shared: a start co
 about 20 s on two cores)."""
 
 import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -63,3 +68,54 @@ def random_prompts(lengths, seed: int = 0, vocab: int = 151000) -> list[list[int
 def as_inputs(prompts: list[list[int]]):
     return [{"prompt_token_ids": p} for p in prompts]
 
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(model: str, port: int, *args: str) -> list[str]:
+    """`python -m vllm_jetnemotron serve` on loopback, float32, eager, the tests' KV budget."""
+    return [sys.executable, "-m", "vllm_jetnemotron", "serve", model, "--host", "127.0.0.1",
+            "--port", str(port), "--dtype", "float32", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(KV_BYTES), *args]
+
+
+def wait_until_healthy(process: subprocess.Popen, base: str, log_path, timeout: float = 300) -> None:
+    """Poll `base`/health until it answers 200; raise with the log's tail if the server
+    exits first or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"server did not become healthy:\n{log_path.read_text()[-4000:]}")
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def serving(model: str, log_path, *args: str, env: dict | None = None):
+    """A `serve_command` process; yields its base URL once healthy, stops it after."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(serve_command(model, port, *args), stdout=log,
+                                   stderr=subprocess.STDOUT, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_healthy(process, base, log_path)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

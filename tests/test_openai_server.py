@@ -2,21 +2,17 @@
 driven with the `openai` client and compared with offline `LLM.generate`."""
 
 import asyncio
-import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import KV_BYTES, as_inputs, greedy, random_prompts, running_llm, token_ids
-from vllm_jetnemotron.__main__ import resolve_short_name
+from conftest import as_inputs, greedy, random_prompts, running_llm, serving, token_ids
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
@@ -24,43 +20,12 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
            "In 1905 Albert Einstein published"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint, tmp_path_factory):
-    port = free_port()
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "vllm_jetnemotron", "serve", tiny_checkpoint,
-               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-               "--kv-cache-memory-bytes", str(KV_BYTES), "--max-logprobs", "5"]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            raise TimeoutError(f"server did not become healthy:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
-    yield base
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    with serving(tiny_checkpoint, log_path, "--served-model-name", SERVED_NAME,
+                 "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "5") as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
@@ -219,14 +184,6 @@ def test_malformed_json_gets_400(server, client):
                           headers={"Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 400
     assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=1).choices
-
-
-def test_short_names_resolve_to_official_repositories():
-    assert resolve_short_name(["serve", "jet-nemotron-2b", "--port", "1"]) == [
-        "serve", "jet-ai/Jet-Nemotron-2B", "--port", "1", "--served-model-name", "jet-nemotron-2b"]
-    assert resolve_short_name(["serve", "jet-nemotron-4b", "--served-model-name", "x"]) == [
-        "serve", "jet-ai/Jet-Nemotron-4B", "--served-model-name", "x"]
-    assert resolve_short_name(["serve", "/models/local"]) == ["serve", "/models/local"]
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

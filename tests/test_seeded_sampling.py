@@ -5,60 +5,20 @@ see `vllm_jetnemotron/cpu_seeded_sampling.py`). The samples must not depend on h
 a prompt was prefilled in, which is what vLLM's generator rewind is for."""
 
 import asyncio
-import contextlib
-import subprocess
-import sys
-import time
-import urllib.request
 
 import httpx
 import openai
 import pytest
 
-from conftest import KV_BYTES, random_prompts, running_llm
-from test_openai_server import SERVED_NAME, free_port
+from conftest import random_prompts, running_llm, serving
+from test_openai_server import SERVED_NAME
 
 MAX_MODEL_LEN = 4096
+SERVER_ARGS = ("--served-model-name", SERVED_NAME, "--max-model-len", str(MAX_MODEL_LEN))
 MAX_TOKENS = 8
 LENGTHS = [1, 129, 700, 3000]
 PROMPTS = random_prompts(LENGTHS, seed=3)
 SEEDS = [1000 + i for i in range(len(PROMPTS))]
-
-
-@contextlib.contextmanager
-def serving(checkpoint: str, log_path, *extra_args: str):
-    """A `python -m vllm_jetnemotron serve` process; yields its base URL once healthy."""
-    port = free_port()
-    command = [sys.executable, "-m", "vllm_jetnemotron", "serve", checkpoint,
-               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
-               "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
-               "--kv-cache-memory-bytes", str(KV_BYTES), *extra_args]
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n"
-                                   f"{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("server did not become healthy:\n"
-                                   f"{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
 
 
 def openai_client(base: str) -> openai.OpenAI:
@@ -87,7 +47,7 @@ def assert_serving(base: str) -> None:
 def server(tiny_checkpoint, tmp_path_factory):
     """vLLM's defaults for this hybrid model: prefix caching on ("align" mode), so every
     prompt over 128 tokens is prefilled in at least two steps."""
-    with serving(tiny_checkpoint, tmp_path_factory.mktemp("seeded") / "server.log") as base:
+    with serving(tiny_checkpoint, tmp_path_factory.mktemp("seeded") / "server.log", *SERVER_ARGS) as base:
         yield base
 
 
@@ -153,7 +113,7 @@ def test_samples_do_not_depend_on_prefill_steps_or_server_process(
     token budget above the longest prompt) samples the same tokens: the 1-token prompt checks
     a restart alone, the others also one prefill step against two or more."""
     log_path = tmp_path_factory.mktemp("seeded_one_step") / "server.log"
-    with serving(tiny_checkpoint, log_path, "--no-enable-prefix-caching",
+    with serving(tiny_checkpoint, log_path, *SERVER_ARGS, "--no-enable-prefix-caching",
                  "--max-num-batched-tokens", str(MAX_MODEL_LEN)) as base:
         assert sample_all(openai_client(base)) == seeded
 

@@ -5,28 +5,20 @@ a parent that dies before its child arms."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import httpx
 import openai
 import psutil
 import pytest
 
-from conftest import KV_BYTES
+from conftest import free_port, serve_command, wait_until_healthy
 from vllm_jetnemotron import exit_with_parent
 
 API_KEY = "test-key-3f9a"
 SERVED_NAME = "jet-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -35,32 +27,15 @@ class Server:
     def __init__(self, checkpoint: str, log_path):
         self.log_path = log_path
         port = free_port()
-        command = [sys.executable, "-m", "vllm_jetnemotron", "serve", checkpoint,
-                   "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-                   "--served-model-name", SERVED_NAME, "--dtype", "float32", "--max-model-len", "512",
-                   "--enforce-eager", "--kv-cache-memory-bytes", str(KV_BYTES)]
+        command = serve_command(checkpoint, port, "--api-key", API_KEY, "--served-model-name", SERVED_NAME,
+                                "--max-model-len", "512")
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.tree = [psutil.Process(self.process.pid)]  # the API server and, once up, its descendants
         self.base = f"http://127.0.0.1:{port}"
 
-    def log_tail(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def wait_until_healthy(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server did not become healthy:\n{self.log_tail()}")
-            time.sleep(1)
+    def wait_until_healthy(self) -> None:
+        wait_until_healthy(self.process, self.base, self.log_path)
         self.tree += self.tree[0].children(recursive=True)
 
     def kill_tree(self) -> None:

