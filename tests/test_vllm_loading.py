@@ -1,5 +1,5 @@
 """Loading through the plugin: official 2B/4B configs with dummy weights (shapes and
-state sizes), tensor parallelism, and clear errors for broken checkpoints."""
+state sizes), tensor and pipeline parallelism, and clear errors for broken checkpoints."""
 
 import json
 import shutil
@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
-from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, official_config
+from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+from vllm_jetnemotron.converter.random_checkpoint import (
+    copy_tokenizer,
+    official_config,
+    preset_config,
+    write_random_checkpoint,
+)
 
 
 def bound_state_shapes(model) -> list:
@@ -54,6 +60,26 @@ def test_tensor_parallel_matches_single_worker(tiny_checkpoint, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     with running_llm(tiny_checkpoint, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
         assert token_ids(llm.generate(as_inputs(prompts), greedy(16))) == single
+
+
+def test_pipeline_parallel_matches_the_reference(tmp_path, monkeypatch):
+    """PP=2 on 6 layers: each rank holds a `jet`, an `attn` and a `swa` layer (and only
+    those layers' states); prompts longer than a 64-token step are prefilled in chunks."""
+    layer_types = ["jet", "attn", "swa", "jet", "swa", "attn"]
+    path = write_random_checkpoint(tmp_path / "six", preset_config("tiny", num_hidden_layers=6,
+                                   layer_types=layer_types), seed=4, dtype=torch.float32)
+    prompts = random_prompts([5, 150, 70, 1], seed=8)
+    reference = JetNemotronForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = [reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
+                    for p in prompts]
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
+    with running_llm(str(path), pipeline_parallel_size=2, distributed_executor_backend="mp",
+                     max_num_batched_tokens=64, max_num_seqs=4) as llm:
+        states = llm.apply_model(bound_state_shapes)
+        assert token_ids(llm.generate(as_inputs(prompts), greedy(12))) == expected
+    assert [len(s) for s in states] == [1, 1]  # one JetBlock's states per rank
 
 
 @pytest.fixture

