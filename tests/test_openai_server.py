@@ -2,6 +2,7 @@
 driven with the `openai` client and compared with offline `LLM.generate`."""
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,9 @@ from conftest import as_inputs, greedy, random_prompts, running_llm, serving, to
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
+# A random model writes no JSON by itself: the constraints are what make the output valid.
+# Bounded schemas (enums) and no free whitespace, so the output ends well within max_tokens.
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
            "In 1905 Albert Einstein published"]
 
@@ -24,7 +28,9 @@ PROMPTS = ["Hello, my name is", "The capital of France is", "def fibonacci(n):",
 def server(tiny_checkpoint, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     with serving(tiny_checkpoint, log_path, "--served-model-name", SERVED_NAME,
-                 "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "5") as base:
+                 "--max-model-len", str(MAX_MODEL_LEN), "--max-logprobs", "5",
+                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                 "--structured-outputs-config", json.dumps(STRUCTURED_OUTPUTS)) as base:
         yield base
 
 
@@ -184,6 +190,56 @@ def test_malformed_json_gets_400(server, client):
                           headers={"Content-Type": "application/json"}, timeout=60)
     assert response.status_code == 400
     assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=1).choices
+
+
+WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+           "properties": {"city": {"type": "string", "enum": ["Paris", "Tokyo", "Lima"]},
+                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}
+
+
+def assert_weather(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"city", "unit"}
+    assert value["city"] in WEATHER["properties"]["city"]["enum"]
+    assert value["unit"] in WEATHER["properties"]["unit"]["enum"]
+
+
+def test_json_schema_response_format(client):
+    response = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "Weather query as JSON."}],
+        max_tokens=64, temperature=0.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}})
+    assert response.choices[0].finish_reason == "stop"
+    assert_weather(response.choices[0].message.content)
+
+
+@pytest.mark.parametrize("constraint, check", [
+    ({"choice": ["yes", "no", "maybe"]}, lambda text: text in ("yes", "no", "maybe")),
+    ({"regex": "[0-9]{3}-[a-z]{2}"}, lambda text: re.fullmatch("[0-9]{3}-[a-z]{2}", text)),
+], ids=["choice", "regex"])
+def test_choice_and_regex_constraints(client, constraint, check):
+    response = client.completions.create(model=SERVED_NAME, prompt="Answer:", max_tokens=16, temperature=1.0,
+                                         seed=7, extra_body={"structured_outputs": constraint})
+    assert check(response.choices[0].text), response.choices[0].text
+
+
+def test_auto_tool_choice_with_the_hermes_parser(client):
+    """Auto tool choice on: a reply that is not a `<tool_call>` block comes back as text."""
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+    response = client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
+        temperature=0.0, tools=[tool], tool_choice="auto")
+    message = response.choices[0].message
+    assert not message.tool_calls and message.content
+
+
+def test_invalid_schema_gets_400_and_the_server_keeps_serving(client):
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(
+            model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
+    assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=2).usage.completion_tokens == 2
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
