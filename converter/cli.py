@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, read_user_eval, retrieval_set, tokenize_corpus, validation_batches
+from .lm_eval_tasks import check_lm_eval_tasks, lm_eval_scores
 from .recipe import STAGE_STEP_KEYS, RecipeError, build_recipe, read_recipe_file
 from .teacher import TeacherError, check_teacher, load_teacher, teacher_state_dict
 from .training import StoppedEarly, setup_runtime
@@ -53,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--state-size", type=int, help="recurrent-state elements per JetBlock (H*K*V) for stage 4")
     p.add_argument("--steps", nargs="+", default=[], metavar="STAGE=N",
                    help=f"optimiser steps per stage, stages: {', '.join(STAGE_STEP_KEYS)}")
+    p.add_argument("--lm-eval-tasks", nargs="+", help="lm-eval tasks to run on the converted model")
+    p.add_argument("--lm-eval-include-path", help="folder of your own lm-eval task YAMLs")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
     p.add_argument("--until", choices=STAGES,
@@ -75,6 +78,11 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         out["budget"] = budget
     if args.candidates:
         out["blocks"] = {"candidates": args.candidates}
+    lm_eval = {k: v for k, v in (("lm_eval_tasks", args.lm_eval_tasks),
+                                 ("lm_eval_include_path", args.lm_eval_include_path and
+                                  str(Path(args.lm_eval_include_path).resolve()))) if v}
+    if lm_eval:
+        out["eval"] = lm_eval
     for item in args.steps:
         stage, _, count = item.partition("=")
         if stage not in STAGE_STEP_KEYS or not count.isdigit():
@@ -101,6 +109,8 @@ def validate_inputs(recipe: dict) -> dict:
     for path in recipe["eval"]["files"]:
         if not Path(path).is_file():
             raise DataError(f"eval file {path} does not exist")
+    if recipe["eval"]["lm_eval_tasks"]:
+        check_lm_eval_tasks(recipe["eval"]["lm_eval_tasks"], recipe["eval"]["lm_eval_include_path"])
     return teacher_config
 
 
@@ -198,7 +208,15 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     report = {"teacher": recipe["teacher"], "recipe": recipe, "comparison": comparison,
               "placement": placement_result, "blocks": blocks, "hardware": hardware, "final": final,
               "baselines": baselines, "draft": draft, "loss_curves": loss_curves,
-              "stage_seconds_this_run": timings, "seconds_this_run": round(time.time() - started, 1)}
+              "stage_seconds_this_run": timings}
+    evaluation = recipe["eval"]
+    if evaluation["lm_eval_tasks"]:
+        t0 = time.time()
+        report["lm_eval"] = lm_eval_scores(
+            stages.load_saved_model(workdir / "5-final" / "model.pt", rt.device), recipe["teacher"],
+            evaluation["lm_eval_tasks"], evaluation["lm_eval_include_path"], evaluation["lm_eval_limit"])
+        timings["lm_eval"] = round(time.time() - t0, 1)
+    report["seconds_this_run"] = round(time.time() - started, 1)
     out = export(workdir, Path(recipe["out"]), recipe, report)
     log.info("wrote %s (report.md, speculative_config.json, draft/) in %.1f s", out, time.time() - started)
     return out

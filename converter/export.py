@@ -93,8 +93,13 @@ def report_markdown(report: dict) -> str:
         lines.append(f"| {name} | {r['val_ppl']:.3f} | {r['retrieval']:.1%} | "
                      f"{_fmt_bytes(r['state_bytes_4k'])} | {_fmt_bytes(r['state_bytes_64k'])} |")
     lines += ["", "State bytes: KV cache of attn/swa layers plus JetBlock conv and recurrent states, "
-              "bf16 elements.", "",
-              "## Placement search (super-network scores, one attention layer at a time)", "",
+              "bf16 elements.", ""]
+    if "lm_eval" in report:
+        lines += ["## lm-eval (converted model, `hf` backend)", "", "| task | metric | value |", "|---|---|---|"]
+        lines += [f"| {task} | {metric} | {value:.4f} |" for task, metrics in report["lm_eval"].items()
+                  for metric, value in metrics.items()]
+        lines.append("")
+    lines += ["## Placement search (super-network scores, one attention layer at a time)", "",
               "| layer | score | val loss | retrieval |", "|---|---|---|---|"]
     for s in report["placement"]["single_layer"]:
         lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {s['retrieval']:.1%} |")

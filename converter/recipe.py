@@ -136,6 +136,9 @@ class Draft(_Section):
 
 class Eval(_Section):
     files: list[str] = []  # jsonl with `prompt` and `answer`, scored by answer loss
+    lm_eval_tasks: list[str] = []            # lm-eval tasks run on the converted model, last
+    lm_eval_include_path: str | None = None  # folder of the user's own lm-eval task YAMLs
+    lm_eval_limit: PositiveInt | None = None  # documents per task (None: all)
 
 
 class Export(_Section):

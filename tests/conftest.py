@@ -3,6 +3,8 @@ reference model, and real vLLM engines (each started once and shared: a start co
 about 20 s on two cores)."""
 
 import contextlib
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -119,3 +121,45 @@ def serving(model: str, log_path, *args: str, env: dict | None = None):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+LM_EVAL_TASKS = ["jet_local_choice", "jet_local_generate"]
+
+
+def write_lm_eval_tasks(root, texts: list[str]):
+    """lm-eval tasks over JSONL files of `texts` in `root` (returned, an include path):
+    `jet_local_choice`, multiple choice among other texts' openings (loglikelihood
+    requests), and `jet_local_generate`, 8 greedy tokens after each text (generate_until)."""
+    with open(root / "choice.jsonl", "w") as f:
+        for i, text in enumerate(texts):
+            choices = [texts[(i + j) % len(texts)][:20] for j in (1, 2, 3)]
+            f.write(json.dumps({"question": text, "choices": choices, "answer": i % 3}) + "\n")
+    with open(root / "generate.jsonl", "w") as f:
+        for text in texts:
+            f.write(json.dumps({"prompt": text, "target": text[:10]}) + "\n")
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
+    (root / "choice.yaml").write_text(
+        "task: jet_local_choice\n" + common.format(root / "choice.jsonl") +
+        'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n")
+    (root / "generate.yaml").write_text(
+        "task: jet_local_generate\n" + common.format(root / "generate.jsonl") +
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{target}}"\n'
+        'generation_kwargs:\n  until: ["<|endoftext|>"]\n  max_gen_toks: 8\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")
+    return root
+
+
+def lm_eval_with_vllm(checkpoint: str, include_path, out):
+    """`python -m vllm_jetnemotron lm_eval --model vllm` on LM_EVAL_TASKS (float32, eager,
+    the tests' KV budget, samples logged); returns its output folder."""
+    model_args = (f"pretrained={checkpoint},dtype=float32,enforce_eager=True,max_model_len=1024,"
+                  f"kv_cache_memory_bytes={KV_BYTES},seed=0")
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_jetnemotron", "lm_eval", "--model", "vllm", "--model_args", model_args,
+         "--tasks", ",".join(LM_EVAL_TASKS), "--include_path", str(include_path), "--batch_size", "8",
+         "--output_path", str(out), "--log_samples"],
+        capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return out

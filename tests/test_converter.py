@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import as_inputs, greedy, running_llm, token_ids
+from conftest import LM_EVAL_TASKS, as_inputs, greedy, lm_eval_with_vllm, running_llm, token_ids, write_lm_eval_tasks
 from vllm_jetnemotron.config import JetNemotronConfig
 from vllm_jetnemotron.converter import cli, demo_teacher
 from vllm_jetnemotron.converter.recipe import build_recipe
@@ -43,8 +43,13 @@ def convert_args(teacher, workdir, out, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def converted(teacher, tmp_path_factory) -> Path:
+    """The tiny-test recipe, with lm-eval's two local tasks as the optional last step."""
     root = tmp_path_factory.mktemp("converted")
-    assert cli.main(convert_args(teacher, root / "work", root / "out")) == 0
+    text = next(p for p in sorted(Path(teacher[1]).rglob("*")) if p.is_file()).read_text()
+    (root / "lm_eval_tasks").mkdir()
+    tasks = write_lm_eval_tasks(root / "lm_eval_tasks", [text[i * 200:i * 200 + 150] for i in range(6)])
+    assert cli.main(convert_args(teacher, root / "work", root / "out", "--lm-eval-tasks", *LM_EVAL_TASKS,
+                                 "--lm-eval-include-path", str(tasks))) == 0
     return root / "out"
 
 
@@ -66,6 +71,17 @@ def test_every_stage_and_the_report(converted):
     assert (converted / "tokenizer.json").is_file() and (converted / "draft" / "tokenizer.json").is_file()
     draft = JetNemotronConfig.from_pretrained(converted / "draft")
     assert draft.layer_types == ["attn"]
+
+
+def test_lm_eval_scores_in_the_report_equal_vllm_on_the_checkpoint(converted, tmp_path):
+    report = json.loads((converted / "report.json").read_text())["lm_eval"]
+    assert set(report) == set(LM_EVAL_TASKS)
+    assert "| jet_local_choice | acc,none |" in (converted / "report.md").read_text()
+    out = lm_eval_with_vllm(str(converted), converted.parent / "lm_eval_tasks", tmp_path)
+    (results,) = out.rglob("results_*.json")
+    served = json.loads(results.read_text())["results"]
+    for task, metric in (("jet_local_choice", "acc,none"), ("jet_local_generate", "exact_match,none")):
+        assert served[task][metric] == pytest.approx(report[task][metric])
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +215,7 @@ def _edited_recipe(tmp_path, key, value) -> str:
     ("device", "recipe key device = 'tpu': expected auto, cpu, cuda or cuda:N"),
     ("unknown_key", "unknown recipe key 'final.stepz'; known keys here: ['lr', 'steps', 'trainable', 'warmup']"),
     ("yaml_syntax", "recipe.yaml: YAML syntax error at line 2, column"),
+    ("unknown_lm_eval_task", "eval.lm_eval_tasks: ['no_such_task'] not found among lm-eval's tasks"),
 ])
 def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message):
     """Exit status 2 and one line naming the problem, before anything is written."""
@@ -219,6 +236,8 @@ def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message
         Path(data).write_text("")
     elif case == "missing_data":
         data = str(tmp_path / "missing.txt")
+    elif case == "unknown_lm_eval_task":
+        extra = ["--lm-eval-tasks", "no_such_task"]
     args = convert_args((teacher_dir, data), tmp_path / "work", tmp_path / "out", *extra)
     if case in RECIPE_EDITS:
         args[0] = _edited_recipe(tmp_path, *RECIPE_EDITS[case])
