@@ -134,6 +134,9 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
 
     teacher_config = validate_inputs(recipe)
     rt = setup_runtime(recipe["device"], recipe["seed"], stop_after)
+    if recipe["eval"]["lm_eval_tasks"] and rt.world_size > 1:
+        raise RecipeError("eval.lm_eval_tasks runs in a single process: convert without torchrun, "
+                          "or evaluate the result with lm_eval --model vllm (README.md)")
     workdir = Path(recipe["workdir"])
     new_workdir = not workdir.exists()
     setup_logging(workdir, rt.is_main)
@@ -186,8 +189,8 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     final = timed("final", stages.stage_final)
     baselines = timed("baselines", stages.stage_baselines)
     draft = timed("draft", stages.stage_draft)
+    rt.barrier()  # every process is done with the stages; the main one reports and exports
     if not rt.is_main:
-        rt.barrier()
         return Path(recipe["out"])
     teacher_jet_config = ctx.config(["attn"] * ctx.num_layers)
     comparison = {"teacher": {**teacher_metrics,

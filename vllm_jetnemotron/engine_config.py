@@ -11,8 +11,8 @@ logger = init_logger(__name__)
 class JetNemotronEngineConfig(VerifyAndUpdateConfig):
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
-        """Refuse more pipeline ranks than layers; turn prefix caching off, and say so, where vLLM's hybrid "align" cache mode
-        cannot run:
+        """Refuse more pipeline ranks than layers. Turn prefix caching off, and say so,
+        where vLLM's hybrid "align" cache mode cannot run:
         * on CPU with speculative decoding: it migrates hybrid states between blocks with
           a Triton kernel (`precopy_mamba_align_fused_kernel`, v1/worker/mamba_utils.py)
           that has no CPU version;

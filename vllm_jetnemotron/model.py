@@ -49,9 +49,9 @@ from vllm.sequence import IntermediateTensors
 from .config import JetNemotronConfig, checkpoint_tensor_shapes
 from .cpu_lora_base_rows import skip_rows_without_lora_on_cpu
 from .cpu_pipeline_buffers import allocate_pipeline_buffers_on_cpu
-from .lora_adapter_check import check_lora_adapters_with_the_model
 from .draft_model_cache_group import use_drafter_cache_group
 from .jet_block import JetBlock, jet_block_state_dtypes, jet_block_state_shapes
+from .lora_adapter_check import check_lora_adapters_with_the_model
 
 
 class JetNemotronAttention(nn.Module):
