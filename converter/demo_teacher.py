@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sysconfig
-import tempfile
 import time
 from pathlib import Path
 
@@ -93,15 +91,14 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
     """Train tokenizer and teacher; write `out_dir` atomically. Returns it."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
+    from .atomic_files import folder_written_atomically
     from .data import tokenize_corpus, train_batch
+    from .training import lr_at
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with folder_written_atomically(out_dir) as tmp:
         texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
         train_tokenizer(texts, vocab_size, tmp)
         tokenizer = AutoTokenizer.from_pretrained(tmp)
@@ -116,10 +113,8 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
         started = time.time()
         model.train()
         for step in range(steps):
-            warm = min(50, steps // 10 + 1)
-            scale = (step + 1) / warm if step < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
             for group in optimizer.param_groups:
-                group["lr"] = lr * scale
+                group["lr"] = lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1))
             ids = train_batch(tokens.train, batch_size, seq_len, seed, "teacher", step)
             logits = model(input_ids=ids).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
@@ -134,10 +129,6 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
         log.close()
         model.eval()
         model.save_pretrained(tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

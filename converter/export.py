@@ -9,14 +9,13 @@ Everything is written to a temporary folder beside `--out` and renamed at the en
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from vllm_jetnemotron.config import JetNemotronConfig
 
+from .atomic_files import folder_written_atomically
 from .teacher import copy_tokenizer_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -43,10 +42,7 @@ def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
     out = out.resolve()
     if out.exists():
         raise FileExistsError(f"--out {out} already exists; remove it or choose a new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with folder_written_atomically(out) as tmp:
         dtype = DTYPES[recipe["export"]["dtype"]]
         save_model_folder(workdir / "5-final" / "model.pt", tmp, dtype, recipe["teacher"])
         (tmp / "draft").mkdir()
@@ -55,10 +51,6 @@ def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
                        "num_speculative_tokens": recipe["draft"]["num_speculative_tokens"]}
         (tmp / "speculative_config.json").write_text(json.dumps(speculative, indent=2) + "\n")
         write_report(tmp, report)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

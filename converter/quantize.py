@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,6 +43,8 @@ from compressed_tensors.utils.match import match_named_modules
 from safetensors.torch import load_file
 
 from vllm_jetnemotron.config import JetNemotronConfig
+
+from .atomic_files import folder_written_atomically
 
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16"}  # compressed-tensors preset names (W8A8 = INT8_W8A8)
 TARGETS = ["Linear"]
@@ -163,19 +164,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, scheme: str, group_siz
         compress_module(module)
     compressor = ModelCompressor.from_pretrained_model(model)  # the config, from the compressed layers
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with folder_written_atomically(out) as tmp:
         model.save_pretrained(tmp)
         for file in src.iterdir():  # config.json as it was (plus quantization_config below), tokenizer, ...
             if file.is_file() and not any(file.match(pattern) for pattern in WEIGHT_FILES):
                 shutil.copyfile(file, tmp / file.name)
         compressor.update_config(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

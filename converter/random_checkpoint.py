@@ -15,13 +15,14 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from vllm_jetnemotron.config import JetNemotronConfig
+
+from .atomic_files import folder_written_atomically
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -78,19 +79,12 @@ def write_random_checkpoint(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config.dtype = dtype
     model = JetNemotronForCausalLM(config).to(dtype)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
+    with folder_written_atomically(out_dir) as tmp:
         model.save_pretrained(tmp)
         copy_tokenizer(tmp)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

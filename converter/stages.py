@@ -16,7 +16,6 @@ export and the report read only those files and the saved weights.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import dataclass
@@ -32,8 +31,8 @@ from .data import RetrievalSet, TokenData, UserEvalSet, step_generator
 from .hardware import candidate_grid, jetblock_throughput, state_size
 from .students import SuperNetwork, build_student, set_trainable
 from .teacher import student_config
-from .training import (Runtime, answer_loss, lm_loss, retrieval_accuracy, run_training, save_atomic,
-                       write_json_atomic)
+from .atomic_files import save_atomic, write_json_atomic
+from .training import Runtime, answer_loss, lm_loss, retrieval_accuracy, run_training
 
 log = logging.getLogger("jet_nemotron_convert")
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic_files import save_atomic
 from .data import RetrievalSet, UserEvalSet, train_batch
 
 log = logging.getLogger("jet_nemotron_convert")
@@ -73,18 +74,6 @@ def setup_runtime(device: str, seed: int, stop_after: int | None = None) -> Runt
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Runtime(device=dev, seed=seed, rank=rank, world_size=world_size, stop_after=stop_after)
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
