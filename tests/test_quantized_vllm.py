@@ -108,3 +108,30 @@ def test_openai_server_serves_the_quantized_checkpoint(scheme_run, checkpoints, 
             model=scheme, prompt=p, max_tokens=8, temperature=0.0,
             extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].token_ids) for p in prompts]
     assert served == singles, scheme
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_layers_too_narrow_for_the_kernels_stay_unquantized_and_load(tmp_path, scheme):
+    """A filter generator of 16 (value dim 512 / reduction 32) fits neither vLLM CPU kernel's
+    32-wide tiles: it stays bf16 (in the `ignore` list), and vLLM loads and runs the rest
+    quantized, as the reference on the dequantized weights does."""
+    import json
+
+    config = preset_config("small", **{**CONFIG, "efficient_attention_config": {
+        **CONFIG["efficient_attention_config"],
+        "jet": {**CONFIG["efficient_attention_config"]["jet"], "dconv_generator_reduction": 32}}})
+    source = write_random_checkpoint(tmp_path / "bf16", config, seed=1)
+    out = quantize_checkpoint(source, tmp_path / scheme, scheme)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {"model.layers.0.self_attn.dynamic_conv1d.kernel_generator.w1",
+            "model.layers.0.self_attn.dynamic_conv1d.kernel_generator.w2"} <= set(ignore)
+    assert "model.layers.0.self_attn.q_proj" not in ignore
+    prompt = random_prompts([40], seed=5, vocab=CONFIG["vocab_size"])[0]
+    reference = JetNemotronForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    reference.load_state_dict(dequantized_state_dict(out, torch.float32), strict=True)
+    with torch.no_grad():
+        expected = reference(torch.tensor([prompt])).logits[0, -1]
+    with running_llm(str(out), dtype="bfloat16", logprobs_mode="raw_logits", max_logprobs=TOP_LOGITS) as llm:
+        (output,) = llm.generate(as_inputs([prompt]), greedy(1, logprobs=TOP_LOGITS))
+    top = output.outputs[0].logprobs[0]
+    assert max(abs(top[t].logprob - float(expected[t])) for t in top) < LOGIT_ATOL
