@@ -71,13 +71,12 @@ def test_two_adapters_and_the_base_model_in_one_batch(tiny_checkpoint, adapters)
     names = ["all-linear", "some-slices", None, "all-linear"]
     with running_llm(tiny_checkpoint, enable_lora=True, max_loras=2, max_lora_rank=MAX_RANK,
                      max_num_batched_tokens=64) as llm:
-        # [prompt i with adapter names[i]]: each row must get its own adapter's tokens
+        # (prompt, adapter) rows: each name with the first two prompts, and two more
         rows = [(p, n) for n in names for p in PROMPTS[:2]] + [(PROMPTS[2], None), (PROMPTS[3], "some-slices")]
         outputs = llm.generate(as_inputs([p for p, _ in rows]), greedy(NEW_TOKENS),
                                lora_request=[lora_request(n, adapters) for _, n in rows])
-    expected = [adapters[n][1][PROMPTS.index(p)] for p, n in rows]
-    got = token_ids(outputs)
-    assert got == expected
+    expected = [adapters[n][1][PROMPTS.index(p)] for p, n in rows]  # each row its own adapter's
+    assert token_ids(outputs) == expected
 
 
 @pytest.fixture(scope="module")
