@@ -8,8 +8,11 @@ speculative draft and a report.
 
 Stages (DESIGN.md section 5) run in order, each resumable in the workdir: re-running the
 same command after a kill continues from the last saved step; finished stages are
-skipped. Bad input stops before any training with a message naming what is wrong, and
-`--out` is only created, complete, at the very end.
+skipped. A rerun with a recipe that changes a begun stage's settings stops and names the
+keys (`--restart-from STAGE` redoes that stage and the later ones); a stage whose inputs
+changed (teacher weights, data, seed, an earlier stage's result) is redone. Bad input
+stops before any training with a message naming what is wrong, and `--out` is only
+created, complete, at the very end.
 """
 
 from __future__ import annotations
@@ -26,14 +29,12 @@ import torch
 
 from .data import DataError, read_user_eval, retrieval_set, tokenize_corpus, validation_batches
 from .lm_eval_tasks import check_lm_eval_tasks, lm_eval_scores
+from .pipeline import STAGE_NAMES, check_recipe_unchanged, file_digest, restart_from, stage_dir, tensors_digest
 from .recipe import STAGE_STEP_KEYS, RecipeError, build_recipe, read_recipe_file
 from .teacher import TeacherError, check_teacher, load_teacher, teacher_state_dict
 from .training import StoppedEarly, setup_runtime
 
 log = logging.getLogger("jet_nemotron_convert")
-
-STAGES = ("supernet", "placement", "blocks", "hardware", "final", "baselines", "draft")
-
 
 class StoppedAtStage(Exception):
     """`--until STAGE` reached."""
@@ -58,8 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lm-eval-include-path", help="folder of your own lm-eval task YAMLs")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int)
-    p.add_argument("--until", choices=STAGES,
+    p.add_argument("--until", choices=STAGE_NAMES,
                    help="run the stages up to this one and stop (no export); re-run without it to go on")
+    p.add_argument("--restart-from", choices=STAGE_NAMES,
+                   help="discard this stage's and every later stage's work in the workdir, then run")
     p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)  # tests: simulate a kill after N steps
     return p.parse_args(argv)
 
@@ -127,7 +130,8 @@ def setup_logging(workdir: Path, is_main: bool) -> None:
         log.addHandler(handler)
 
 
-def convert(recipe: dict, stop_after: int | None = None, until: str | None = None) -> Path:
+def convert(recipe: dict, stop_after: int | None = None, until: str | None = None,
+            restart: str | None = None) -> Path:
     """Run (or resume) every stage, export, return the output folder."""
     from . import stages
     from .export import export
@@ -154,6 +158,10 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
             log.handlers.clear()
             shutil.rmtree(workdir, ignore_errors=True)
         raise
+    if restart and rt.is_main:
+        restart_from(workdir, restart)
+    rt.barrier()
+    check_recipe_unchanged(workdir, recipe)
     if rt.is_main:
         (workdir / "recipe.json").write_text(json.dumps(recipe, indent=2))
     log.info("teacher %s (%s, %d layers); %d training tokens; device %s, %d process(es)", recipe["teacher"],
@@ -162,33 +170,30 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     if teacher_config["architectures"][0] == "Qwen3ForCausalLM":
         log.warning("Qwen3 q/k norms have no place in the Jet-Nemotron format: dropped; set final.trainable: all")
     teacher = load_teacher(recipe["teacher"], rt.device)
+    teacher_tensors = teacher_state_dict(teacher)
     placement = recipe["placement"]
     ctx = stages.Context(
         recipe=recipe, rt=rt, workdir=workdir, teacher_config=teacher_config, teacher=teacher,
-        teacher_tensors=teacher_state_dict(teacher), tokens=tokens,
+        teacher_tensors=teacher_tensors, tokens=tokens,
         val_batches=validation_batches(tokens.val, placement["eval_batches"], recipe["batch_size"], recipe["seq_len"]),
         retrieval=retrieval_set(tokens.val, placement["retrieval_samples"], recipe["seq_len"],
                                 placement["retrieval_value_len"], recipe["seed"]),
-        user_sets=user_sets)
+        user_sets=user_sets,
+        input_digests={"teacher weights": tensors_digest(teacher_tensors),
+                       "data tokens": tensors_digest({"train": tokens.train, "val": tokens.val}),
+                       "eval files": [file_digest(Path(f)) for f in recipe["eval"]["files"]]})
     timings = {}
-
-    def timed(name, fn):
+    for name in STAGE_NAMES:
         t0 = time.time()
-        result = fn(ctx)
+        stages.run_stage(ctx, name)
         timings[name] = round(time.time() - t0, 1)
         log.info("stage %s done (%.1f s)", name, timings[name])
         if name == until:
             raise StoppedAtStage(f"stopped after stage {name} (--until); results in {workdir}")
-        return result
-
-    teacher_metrics = timed("teacher", stages.teacher_reference)
-    supernet = timed("supernet", stages.stage_supernet)
-    placement_result = timed("placement", stages.stage_placement)
-    blocks = timed("blocks", stages.stage_blocks)
-    hardware = timed("hardware", stages.stage_hardware)
-    final = timed("final", stages.stage_final)
-    baselines = timed("baselines", stages.stage_baselines)
-    draft = timed("draft", stages.stage_draft)
+    results = ctx.results
+    teacher_metrics, supernet, placement_result = results["teacher"], results["supernet"], results["placement"]
+    blocks, hardware, final, draft = results["blocks"], results["hardware"], results["final"], results["draft"]
+    baselines = results["baselines"]["placements"]
     rt.barrier()  # every process is done with the stages; the main one reports and exports
     if not rt.is_main:
         return Path(recipe["out"])
@@ -216,7 +221,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     if evaluation["lm_eval_tasks"]:
         t0 = time.time()
         report["lm_eval"] = lm_eval_scores(
-            stages.load_saved_model(workdir / "5-final" / "model.pt", rt.device), recipe["teacher"],
+            stages.load_saved_model(stage_dir(workdir, "final") / "model.pt", rt.device), recipe["teacher"],
             evaluation["lm_eval_tasks"], evaluation["lm_eval_include_path"], evaluation["lm_eval_limit"])
         timings["lm_eval"] = round(time.time() - t0, 1)
     report["seconds_this_run"] = round(time.time() - started, 1)
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         file_values = read_recipe_file(args.recipe) if args.recipe else {}
         recipe = build_recipe(file_values, overrides_from_args(args))
-        out = convert(recipe, args.stop_after, args.until)
+        out = convert(recipe, args.stop_after, args.until, args.restart_from)
     except StoppedAtStage as stop:
         print(f"jet-nemotron-convert: {stop}", file=sys.stderr)
         return 0

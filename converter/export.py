@@ -16,6 +16,7 @@ import torch
 from vllm_jetnemotron.config import JetNemotronConfig
 
 from .atomic_files import folder_written_atomically
+from .pipeline import stage_dir
 from .teacher import copy_tokenizer_files
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -44,9 +45,9 @@ def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
         raise FileExistsError(f"--out {out} already exists; remove it or choose a new folder")
     with folder_written_atomically(out) as tmp:
         dtype = DTYPES[recipe["export"]["dtype"]]
-        save_model_folder(workdir / "5-final" / "model.pt", tmp, dtype, recipe["teacher"])
+        save_model_folder(stage_dir(workdir, "final") / "model.pt", tmp, dtype, recipe["teacher"])
         (tmp / "draft").mkdir()
-        save_model_folder(workdir / "6-draft" / "model.pt", tmp / "draft", dtype, recipe["teacher"])
+        save_model_folder(stage_dir(workdir, "draft") / "model.pt", tmp / "draft", dtype, recipe["teacher"])
         speculative = {"method": "draft_model", "model": str(out / "draft"),
                        "num_speculative_tokens": recipe["draft"]["num_speculative_tokens"]}
         (tmp / "speculative_config.json").write_text(json.dumps(speculative, indent=2) + "\n")

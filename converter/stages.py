@@ -1,24 +1,30 @@
-"""The PostNAS stages (DESIGN.md section 5), each a function of the shared `Context`
-with its inputs and outputs in its own workdir folder:
+"""The PostNAS stages (DESIGN.md section 5). `run_stage` runs one entry of the stage
+table (`pipeline.STAGES`: folder, recipe slice, inputs) in its workdir folder; the stage
+functions get the shared `Context`, their folder and the outputs of the earlier stages
+they read:
 
+    0-teacher/    result.json            the teacher's own metrics (the scores' reference)
     1-supernet/   jet_blocks.pt          every layer's JetBlock trained in the super-network
     2-placement/  result.json            beam search over attn / swa placement
-    3-blocks/     <kind>/, result.json   JetBlock vs gated DeltaNet (static conv)
-    4-hardware/   <H>-<K>-<e>/, result.json  grid at a fixed state size, accuracy vs throughput
-    5-final/      model.pt, result.json  final distillation of the chosen architecture
-    5-baselines/  <name>/                the same recipe for uniform / all-JetBlock layouts
-    6-draft/      model.pt, result.json  all-attention draft distilled from the final model
+    3-blocks/     <kind>/, chosen_jet_blocks.pt  JetBlock vs gated DeltaNet (static conv)
+    4-hardware/   <H>-<K>-<e>/, chosen_jet_blocks.pt  grid at a fixed state size
+    5-final/      model.pt               final distillation of the chosen architecture
+    5-baselines/  <name>/model.pt        the same recipe for uniform / all-JetBlock layouts
+    6-draft/      model.pt               all-attention draft distilled from the final model
 
-A finished stage has a `done` file and is skipped on the next run; an unfinished one
-resumes from its checkpoint (see `training.run_training`). Stage results are JSON; the
-export and the report read only those files and the saved weights.
+Every folder gets `fingerprint.json` when its stage starts and `result.json` plus a
+`done` file when it finishes. A finished stage is skipped on the next run, an unfinished
+one resumes from its checkpoint (see `training.run_training`), and one whose inputs
+changed is redone (see `pipeline`). The export and the report read only the results and
+the saved weights.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,6 +35,7 @@ from vllm_jetnemotron.config import JetNemotronConfig
 
 from .data import RetrievalSet, TokenData, UserEvalSet, step_generator
 from .hardware import candidate_grid, jetblock_throughput, state_size
+from .pipeline import BY_NAME, STAGE_NAMES, Stage, changed_keys, read_fingerprint, recipe_slice, result_digest
 from .students import SuperNetwork, build_student, set_trainable
 from .teacher import student_config
 from .atomic_files import save_atomic, write_json_atomic
@@ -49,7 +56,8 @@ class Context:
     val_batches: list[torch.Tensor]
     retrieval: RetrievalSet
     user_sets: list[UserEvalSet]
-    teacher_metrics: dict | None = None
+    input_digests: dict  # content hashes of the teacher's weights and the tokenised data
+    results: dict[str, dict] = field(default_factory=dict)  # by stage name, as the stages finish
 
     @property
     def num_layers(self) -> int:
@@ -69,6 +77,50 @@ class Context:
         return run_training(name, stage_dir, model, student_logits, teacher_logits or self.teacher_logits,
                             self.tokens.train, self.rt, steps, lr, r["batch_size"], r["seq_len"],
                             r["save_every"], warmup=min(warmup, max(1, steps // 5)))
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a later stage gets of an earlier one: its folder (saved weights) and result."""
+
+    folder: Path
+    result: dict
+
+
+# ----- running a stage ------------------------------------------------------------------
+
+def stage_fingerprint(ctx: Context, stage: Stage) -> dict:
+    inputs = {**ctx.input_digests, "seed": ctx.rt.seed,
+              **{name: result_digest(ctx.workdir, name) for name in stage.reads}}
+    return {"recipe": recipe_slice(ctx.recipe, stage), "inputs": inputs}
+
+
+def run_stage(ctx: Context, name: str) -> dict:
+    """Run stage `name` (or take its finished result) and record it in `ctx.results`.
+    The recipe slices were checked against the workdir before (`pipeline.check_recipe_unchanged`),
+    so a fingerprint that differs from the recorded one here means changed inputs: the
+    folder is cleared and the stage redone."""
+    stage = BY_NAME[name]
+    folder = ctx.workdir / stage.folder
+    fingerprint = stage_fingerprint(ctx, stage)
+    recorded = read_fingerprint(folder) if ctx.rt.is_main else None
+    if ctx.rt.main_process_says(folder.exists() and recorded != fingerprint):
+        if ctx.rt.is_main:
+            changes = changed_keys(recorded["inputs"], fingerprint["inputs"]) if recorded else ["not recorded"]
+            log.info("stage %s: its inputs changed (%s): redoing it", name, ", ".join(changes))
+            shutil.rmtree(folder)
+        ctx.rt.barrier()
+    if is_done(ctx, folder):
+        result = read_result(folder)
+    else:
+        if ctx.rt.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(fingerprint, folder / "fingerprint.json")
+        ctx.rt.barrier()
+        inputs = {r: StageOutput(ctx.workdir / BY_NAME[r].folder, ctx.results[r]) for r in stage.reads}
+        result = finish(ctx, folder, {**STAGE_FUNCTIONS[name](ctx, folder, inputs), "fingerprint": fingerprint})
+    ctx.results[name] = result
+    return result
 
 
 # ----- shared pieces ------------------------------------------------------------------
@@ -103,11 +155,11 @@ def evaluate(ctx: Context, logits_fn) -> dict:
     return metrics
 
 
-def score(ctx: Context, metrics: dict) -> float:
+def score(ctx: Context, teacher_metrics: dict, metrics: dict) -> float:
     """Higher is better: -w_loss * relative LM-loss gap to the teacher + w_retrieval *
     retrieval accuracy - w_user * mean relative answer-loss gap."""
     w = ctx.recipe["placement"]["weights"]
-    t = ctx.teacher_metrics
+    t = teacher_metrics
     value = -w["loss"] * (metrics["val_loss"] / t["val_loss"] - 1) + w["retrieval"] * metrics["retrieval"]
     if metrics.get("user"):
         gaps = [metrics["user"][n] / t["user"][n] - 1 for n in metrics["user"]]
@@ -130,17 +182,11 @@ def uniform_layer_types(num_layers: int, attn: int, swa: int) -> list[str]:
     return types
 
 
-def jet_sources(ctx: Context) -> list[dict[str, torch.Tensor]]:
-    """Trained JetBlock weights from earlier stages, longest-trained first: the chosen
-    block (super-network + stage 3, base dims), the hardware choice (stage 4 only, used
-    when its dims differ from the base), the super-network; `build_student` takes the
-    first that fits a layer."""
-    sources = []
-    for path in (ctx.workdir / "3-blocks" / "chosen_jet_blocks.pt", ctx.workdir / "4-hardware" / "chosen_jet_blocks.pt",
-                 ctx.workdir / "1-supernet" / "jet_blocks.pt"):
-        if path.is_file():
-            sources.append(torch.load(path, map_location="cpu"))
-    return sources
+def trained_jet_blocks(inputs: dict[str, StageOutput], *names: str) -> list[dict[str, torch.Tensor]]:
+    """The JetBlock weights the named earlier stages trained, in the order given; a
+    student takes, for each layer, the first that fits it (`build_student`)."""
+    files = {"supernet": "jet_blocks.pt", "blocks": "chosen_jet_blocks.pt", "hardware": "chosen_jet_blocks.pt"}
+    return [torch.load(inputs[name].folder / files[name], map_location="cpu") for name in names]
 
 
 def jet_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -150,12 +196,8 @@ def jet_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----- stage 0: the teacher's own numbers ---------------------------------------------
 
-def teacher_reference(ctx: Context) -> dict:
-    stage_dir = ctx.workdir / "0-teacher"
-    if not is_done(ctx, stage_dir):
-        finish(ctx, stage_dir, evaluate(ctx, ctx.teacher_logits))
-    ctx.teacher_metrics = read_result(stage_dir)
-    return ctx.teacher_metrics
+def stage_teacher(ctx: Context, stage_dir: Path, inputs: dict) -> dict:
+    return evaluate(ctx, ctx.teacher_logits)
 
 
 # ----- stage 1: super-network -----------------------------------------------------------
@@ -179,10 +221,7 @@ def sampled_layer_types(ctx: Context, step: int) -> list[str]:
     return types
 
 
-def stage_supernet(ctx: Context) -> dict:
-    stage_dir = ctx.workdir / "1-supernet"
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
+def stage_supernet(ctx: Context, stage_dir: Path, inputs: dict) -> dict:
     net = build_supernet(ctx)
     settings = ctx.recipe["supernet"]
     losses = ctx.train("supernet", stage_dir, net,
@@ -190,22 +229,19 @@ def stage_supernet(ctx: Context) -> dict:
                        settings["steps"], settings["lr"], warmup=settings["warmup"])
     if ctx.rt.is_main:
         save_atomic(net.jet_state_dict(), stage_dir / "jet_blocks.pt")
-    return finish(ctx, stage_dir, {"losses": losses})
+    return {"losses": losses}
 
 
 # ----- stage 2: placement search --------------------------------------------------------
 
-def stage_placement(ctx: Context) -> dict:
+def stage_placement(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
     """Beam search: add `attn` layers one at a time (keeping `beam_width` best layouts),
     then `swa` layers the same way; every layout scored with the super-network."""
-    stage_dir = ctx.workdir / "2-placement"
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    teacher_metrics = inputs["teacher"].result
     net = build_supernet(ctx)
     net.jet_blocks.load_state_dict(
         {k.split(".self_attn.")[0].split(".")[-1] + "." + k.split(".self_attn.")[1]: v
-         for k, v in torch.load(ctx.workdir / "1-supernet" / "jet_blocks.pt").items()})
+         for k, v in trained_jet_blocks(inputs, "supernet")[0].items()})
     net.eval()
     cache_file = stage_dir / "evaluations.json"
     evaluations = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
@@ -215,7 +251,7 @@ def stage_placement(ctx: Context) -> dict:
         key = ",".join(types)
         if key not in evaluations:
             metrics = evaluate(ctx, lambda ids: net(ids, list(types)))
-            evaluations[key] = {**metrics, "score": score(ctx, metrics)}
+            evaluations[key] = {**metrics, "score": score(ctx, teacher_metrics, metrics)}
             if ctx.rt.is_main:
                 write_json_atomic(evaluations, cache_file)  # resumable between layouts
             bar.update(1)
@@ -243,20 +279,16 @@ def stage_placement(ctx: Context) -> dict:
                         ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
         evaluate_layout(tuple(types))
         extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
-    return finish(ctx, stage_dir, {"layer_types": best, "beam_steps": steps, "single_layer": single,
-                                   "supernet_layouts": extra})
+    return {"layer_types": best, "beam_steps": steps, "single_layer": single, "supernet_layouts": extra}
 
 
 # ----- stage 3: block selection ---------------------------------------------------------
 
-def stage_blocks(ctx: Context) -> dict:
-    stage_dir = ctx.workdir / "3-blocks"
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
-    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
+def stage_blocks(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
+    layer_types = inputs["placement"].result["layer_types"]
     settings = ctx.recipe["blocks"]
     results = {}
-    sources = jet_sources(ctx)
+    sources = trained_jet_blocks(inputs, "supernet")
     for kind in settings["candidates"]:
         kind_dir = stage_dir / kind
         if is_done(ctx, kind_dir):
@@ -271,11 +303,12 @@ def stage_blocks(ctx: Context) -> dict:
         speed = prefill_speed(model, ctx)
         if ctx.rt.is_main:
             save_atomic(jet_state(model), kind_dir / "jet_blocks.pt")
-        results[kind] = finish(ctx, kind_dir, {**metrics, "score": score(ctx, metrics), "losses": losses, **speed})
+        results[kind] = finish(ctx, kind_dir, {**metrics, "score": score(ctx, inputs["teacher"].result, metrics),
+                                               "losses": losses, **speed})
     chosen = max(results, key=lambda k: results[k]["score"])
     if ctx.rt.is_main:
         save_atomic(torch.load(stage_dir / chosen / "jet_blocks.pt"), stage_dir / "chosen_jet_blocks.pt")
-    return finish(ctx, stage_dir, {"chosen": chosen, "candidates": results})
+    return {"chosen": chosen, "candidates": results}
 
 
 @torch.no_grad()
@@ -296,18 +329,15 @@ def jet_label(jet: dict) -> str:
     return f"H{jet['num_heads']}-K{jet['head_dim']}-e{float(jet['expand_v']):g}"
 
 
-def stage_hardware(ctx: Context) -> dict:
+def stage_hardware(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
     """Every grid point starts from the initialisation rule (no trained weights, so none
     has a head start), trains `hardware.steps` steps, and is scored like the searches;
     the choice is the best score among candidates whose decode throughput reaches
     `min_relative_throughput` of the base settings'."""
-    stage_dir = ctx.workdir / "4-hardware"
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
     r = ctx.recipe
     settings = r["hardware"]
-    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
-    block = read_result(ctx.workdir / "3-blocks")["chosen"]
+    layer_types = inputs["placement"].result["layer_types"]
+    block = inputs["blocks"].result["chosen"]
     target = r["state_size"] or state_size(r["jet"])
     grid = candidate_grid(r["jet"], target, settings["num_heads"], settings["head_dims"], settings["expand_v"],
                           settings["max_candidates"])
@@ -330,7 +360,8 @@ def stage_hardware(ctx: Context) -> dict:
         speed = jetblock_throughput(jet, ctx.teacher_config["hidden_size"], ctx.rt.device)
         if ctx.rt.is_main:
             save_atomic(jet_state(model), cand_dir / "jet_blocks.pt")
-        results[label] = finish(ctx, cand_dir, {"jet": jet, **metrics, "score": score(ctx, metrics),
+        results[label] = finish(ctx, cand_dir, {"jet": jet, **metrics,
+                                                "score": score(ctx, inputs["teacher"].result, metrics),
                                                 "losses": losses, **speed})
     base = results[jet_label(grid[0])]["decode_tokens_per_s"]
     fast_enough = [k for k in results
@@ -338,17 +369,10 @@ def stage_hardware(ctx: Context) -> dict:
     chosen = max(fast_enough, key=lambda k: results[k]["score"])
     if ctx.rt.is_main:
         save_atomic(torch.load(stage_dir / chosen / "jet_blocks.pt"), stage_dir / "chosen_jet_blocks.pt")
-    return finish(ctx, stage_dir, {"chosen": chosen, "jet": results[chosen]["jet"], "state_size": target,
-                                   "candidates": results})
+    return {"chosen": chosen, "jet": results[chosen]["jet"], "state_size": target, "candidates": results}
 
 
 # ----- stage 5: final distillation (and baselines) --------------------------------------
-
-def final_architecture(ctx: Context) -> tuple[list[str], dict, str]:
-    layer_types = read_result(ctx.workdir / "2-placement")["layer_types"]
-    block = read_result(ctx.workdir / "3-blocks")["chosen"]
-    jet = read_result(ctx.workdir / "4-hardware")["jet"]
-    return layer_types, jet, block
 
 
 def provenance(ctx: Context, block: str, layer_types: list[str]) -> dict:
@@ -357,14 +381,17 @@ def provenance(ctx: Context, block: str, layer_types: list[str]) -> dict:
             if block == "gdn" else []}
 
 
-def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[str], jet: dict, block: str,
-                  steps: int) -> dict:
-    """Build, distil (final.* settings) and evaluate one layout; weights in model.pt."""
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
+def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[str],
+                  inputs: dict[str, StageOutput], steps: int) -> dict:
+    """Build the layout with the chosen block and JetBlock dims, starting from the
+    longest-trained JetBlocks that fit (the chosen block's, the hardware choice's when
+    its dims differ from the base, the super-network's), distil it (final.* settings)
+    and evaluate it; weights in model.pt."""
     settings = ctx.recipe["final"]
+    block, jet = inputs["blocks"].result["chosen"], inputs["hardware"].result["jet"]
     config = ctx.config(layer_types, jet, provenance(ctx, block, layer_types))
-    model = build_student(config, ctx.teacher_tensors, block, jet_sources(ctx), seed=ctx.rt.seed).to(ctx.rt.device)
+    sources = trained_jet_blocks(inputs, "blocks", "hardware", "supernet")
+    model = build_student(config, ctx.teacher_tensors, block, sources, seed=ctx.rt.seed).to(ctx.rt.device)
     set_trainable(model, settings["trainable"])
     losses = ctx.train(name, stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
                        steps, settings["lr"], warmup=settings["warmup"])
@@ -372,27 +399,28 @@ def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[st
     if ctx.rt.is_main:
         save_atomic({"config": config.to_dict(), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
                     stage_dir / "model.pt")
-    return finish(ctx, stage_dir, {"layer_types": layer_types, "jet": jet, "block": block, **metrics,
-                                   "losses": losses,
-                                   "state_bytes_4k": config.state_bytes_per_sequence(4096),
-                                   "state_bytes_64k": config.state_bytes_per_sequence(65536)})
+    return {"layer_types": layer_types, "jet": jet, "block": block, **metrics, "losses": losses,
+            "state_bytes_4k": config.state_bytes_per_sequence(4096),
+            "state_bytes_64k": config.state_bytes_per_sequence(65536)}
 
 
-def stage_final(ctx: Context) -> dict:
-    layer_types, jet, block = final_architecture(ctx)
-    return distil_layout(ctx, ctx.workdir / "5-final", "final", layer_types, jet, block,
+def stage_final(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
+    return distil_layout(ctx, stage_dir, "final", inputs["placement"].result["layer_types"], inputs,
                          ctx.recipe["final"]["steps"])
 
 
-def stage_baselines(ctx: Context) -> dict:
-    _, jet, block = final_architecture(ctx)
+def stage_baselines(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
+    """`placements`: {name: its distil_layout result}, each in its own sub-folder."""
     budget = ctx.recipe["budget"]
     layouts = {"uniform": uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"]),
                "all_jet": ["jet"] * ctx.num_layers}
     steps = ctx.recipe["baselines"]["steps"] or ctx.recipe["final"]["steps"]
-    return {name: distil_layout(ctx, ctx.workdir / "5-baselines" / name, f"baseline-{name}", layouts[name],
-                                jet, block, steps)
-            for name in ctx.recipe["baselines"]["placements"]}
+    results = {}
+    for name in ctx.recipe["baselines"]["placements"]:
+        sub = stage_dir / name
+        results[name] = read_result(sub) if is_done(ctx, sub) else finish(
+            ctx, sub, distil_layout(ctx, sub, f"baseline-{name}", layouts[name], inputs, steps))
+    return {"placements": results}
 
 
 def load_saved_model(path: Path, device: torch.device):
@@ -408,13 +436,10 @@ def load_saved_model(path: Path, device: torch.device):
 
 # ----- stage 6: speculative draft ---------------------------------------------------------
 
-def stage_draft(ctx: Context) -> dict:
+def stage_draft(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
     """A small all-`attn` model (vLLM's draft_model method needs every draft layer in
     one KV cache group): `draft.num_layers` evenly spaced teacher layers with the
     teacher's embeddings, distilled from the converted model."""
-    stage_dir = ctx.workdir / "6-draft"
-    if is_done(ctx, stage_dir):
-        return read_result(stage_dir)
     settings = ctx.recipe["draft"]
     n = min(settings["num_layers"], ctx.num_layers)
     layer_map = sorted({round(i * (ctx.num_layers - 1) / max(1, n - 1)) for i in range(n)})
@@ -422,7 +447,7 @@ def stage_draft(ctx: Context) -> dict:
     model = build_student(config, ctx.teacher_tensors, "jet", (), layer_map=layer_map, seed=ctx.rt.seed)
     model.to(ctx.rt.device)
     set_trainable(model, "all")
-    target = load_saved_model(ctx.workdir / "5-final" / "model.pt", ctx.rt.device)
+    target = load_saved_model(inputs["final"].folder / "model.pt", ctx.rt.device)
     for p in target.parameters():
         p.requires_grad_(False)
     losses = ctx.train("draft", stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
@@ -433,8 +458,7 @@ def stage_draft(ctx: Context) -> dict:
     if ctx.rt.is_main:
         save_atomic({"config": config.to_dict(), "state_dict": {k: t.cpu() for k, t in model.state_dict().items()}},
                     stage_dir / "model.pt")
-    return finish(ctx, stage_dir, {"layer_map": layer_map, **metrics, "top1_agreement": acceptance,
-                                   "losses": losses})
+    return {"layer_map": layer_map, **metrics, "top1_agreement": acceptance, "losses": losses}
 
 
 @torch.no_grad()
@@ -447,3 +471,9 @@ def draft_agreement(draft: nn.Module, target: nn.Module, ctx: Context) -> float:
         same += int((draft(input_ids=ids).logits.argmax(-1) == target(input_ids=ids).logits.argmax(-1)).sum())
         count += ids.numel()
     return same / count
+
+
+STAGE_FUNCTIONS = {"teacher": stage_teacher, "supernet": stage_supernet, "placement": stage_placement,
+                   "blocks": stage_blocks, "hardware": stage_hardware, "final": stage_final,
+                   "baselines": stage_baselines, "draft": stage_draft}
+assert tuple(STAGE_FUNCTIONS) == STAGE_NAMES

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import LM_EVAL_TASKS, as_inputs, greedy, lm_eval_with_vllm, running_llm, token_ids, write_lm_eval_tasks
 from vllm_jetnemotron.config import JetNemotronConfig
 from vllm_jetnemotron.converter import cli, demo_teacher
+from vllm_jetnemotron.converter.pipeline import STAGES, stage_dir
 from vllm_jetnemotron.converter.recipe import build_recipe
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-test.yaml"
@@ -55,8 +56,12 @@ def converted(teacher, tmp_path_factory) -> Path:
 
 def test_every_stage_and_the_report(converted):
     work = converted.parent / "work"
-    for stage in ("0-teacher", "1-supernet", "2-placement", "3-blocks", "4-hardware", "5-final", "6-draft"):
-        assert (work / stage / "done").is_file(), stage
+    for stage in STAGES:
+        folder = work / stage.folder
+        assert (folder / "done").is_file(), stage
+        recorded = json.loads((folder / "fingerprint.json").read_text())
+        assert json.loads((folder / "result.json").read_text())["fingerprint"] == recorded
+        assert set(recorded["inputs"]) == {"teacher weights", "data tokens", "eval files", "seed", *stage.reads}
     config = JetNemotronConfig.from_pretrained(converted)
     assert config.layer_types.count("attn") == 1 and config.layer_types.count("swa") == 1
     assert config.sliding_window_size == 16
@@ -144,9 +149,60 @@ def test_torchrun_two_processes_complete_a_stage(teacher, tmp_path):
          *convert_args(teacher, tmp_path / "work", tmp_path / "out"), "--until", "supernet"],
         capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "work" / "1-supernet" / "done").is_file()
+    assert (stage_dir(tmp_path / "work", "supernet") / "done").is_file()
     assert "2 process(es)" in (tmp_path / "work" / "convert.log").read_text()
     assert not (tmp_path / "out").exists()
+
+
+def final_weights(workdir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(stage_dir(workdir, "final") / "model.pt", weights_only=False)["state_dict"]
+
+
+def test_a_changed_recipe_is_refused_until_restarted_from_its_stage(teacher, converted, tmp_path, capsys):
+    """A finished workdir rerun with another final.steps stops before any work, naming
+    the key and the stage to restart from; --restart-from final then gives the weights a
+    fresh run with the new recipe gives."""
+    work = tmp_path / "work"
+    shutil.copytree(converted.parent / "work", work)
+    args = convert_args(teacher, work, tmp_path / "out", "--steps", "final=8", "--until", "final")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "stage final ran with a different recipe: final.steps 6 -> 8" in err
+    assert "Rerun with --restart-from final" in err
+    assert json.loads((stage_dir(work, "final") / "result.json").read_text())["fingerprint"]["recipe"][
+        "final.steps"] == 6  # nothing touched
+    assert cli.main(args + ["--restart-from", "final"]) == 0
+    assert "redoing" not in (work / "convert.log").read_text()  # stages before final were kept
+    fresh = tmp_path / "fresh"
+    assert cli.main(convert_args(teacher, fresh, tmp_path / "out", "--steps", "final=8", "--until", "final")) == 0
+    restarted, reference = final_weights(work), final_weights(fresh)
+    assert len(json.loads((stage_dir(work, "final") / "result.json").read_text())["losses"]) == 8
+    assert restarted.keys() == reference.keys()
+    for key in reference:
+        assert torch.equal(restarted[key], reference[key]), key
+
+
+def test_a_stage_whose_inputs_changed_is_redone(teacher, converted, tmp_path):
+    """Other teacher weights under the same path: the finished teacher, supernet and
+    placement stages are redone (not skipped), each naming what changed."""
+    work, teacher_dir = tmp_path / "work", tmp_path / "teacher"
+    shutil.copytree(converted.parent / "work", work)
+    shutil.copytree(teacher[0], teacher_dir)
+    weights = load_file(teacher_dir / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, teacher_dir / "model.safetensors", metadata={"format": "pt"})
+    old = {name: json.loads((stage_dir(work, name) / "result.json").read_text())
+           for name in ("teacher", "placement")}
+    assert cli.main(convert_args((str(teacher_dir), teacher[1]), work, tmp_path / "out", "--until", "placement")) == 0
+    redone = {line.split("stage ")[1].split(":")[0]: line.split("changed (")[1]
+              for line in (work / "convert.log").read_text().splitlines() if "redoing it" in line}
+    assert list(redone) == ["teacher", "supernet", "placement"]
+    assert redone["teacher"].startswith("teacher weights '") and redone["supernet"].startswith("teacher weights '")
+    assert redone["placement"].startswith("supernet '") and ", teacher '" in redone["placement"]
+    new = {name: json.loads((stage_dir(work, name) / "result.json").read_text()) for name in old}
+    assert new["teacher"]["val_loss"] != old["teacher"]["val_loss"]
+    assert new["placement"]["fingerprint"]["inputs"]["teacher"] != old["placement"]["fingerprint"]["inputs"]["teacher"]
+    assert (stage_dir(work, "blocks") / "done").is_file()  # not reached: left as it was
 
 
 TEACHER_EDITS = {
