@@ -18,9 +18,9 @@ from vllm import LLM, SamplingParams
 
 
 def generate(model: str, prompts: list[str], speculative_config: dict | None, kv_bytes: int,
-             dtype: str):
+             dtype: str, enforce_eager: bool):
     llm = LLM(model=model, speculative_config=speculative_config, kv_cache_memory_bytes=kv_bytes,
-              max_model_len=4096, dtype=dtype, disable_log_stats=False)
+              max_model_len=4096, dtype=dtype, enforce_eager=enforce_eager, disable_log_stats=False)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=48, logprobs=5))
     counters = {m.name: m.value for m in llm.get_metrics()
                 if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
@@ -34,13 +34,15 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path(__file__).with_name("speculative_config.json"))
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=1 << 30)
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="skip torch.compile (on CPU it takes about a minute per engine)")
     args = parser.parse_args()
 
     speculative_config = json.loads(args.config.read_text())
     prompts = ["1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2,", "def add(a, b):\n    return a + b\n\ndef"]
-    plain, _ = generate(args.model, prompts, None, args.kv_cache_memory_bytes, args.dtype)
+    plain, _ = generate(args.model, prompts, None, args.kv_cache_memory_bytes, args.dtype, args.enforce_eager)
     speculative, counters = generate(args.model, prompts, speculative_config,
-                                     args.kv_cache_memory_bytes, args.dtype)
+                                     args.kv_cache_memory_bytes, args.dtype, args.enforce_eager)
     for output in speculative:
         print(f"{output.prompt!r} -> {output.outputs[0].text!r}")
     print("speculative decoding counters:", counters)

@@ -28,6 +28,14 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def default_llm(tiny_checkpoint):
+    """The tests' default engine on the tiny checkpoint, shared by every module that needs
+    no other setting; it returns raw logits as logprobs (up to 20 per position)."""
+    with running_llm(tiny_checkpoint, logprobs_mode="raw_logits", max_logprobs=20) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="session")
 def reference_model(tiny_checkpoint):
     from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 

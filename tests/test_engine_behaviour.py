@@ -17,12 +17,6 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def default_llm(tiny_checkpoint):
-    with running_llm(tiny_checkpoint) as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
 def one_at_a_time(default_llm, prompts):
     return [token_ids(default_llm.generate(as_inputs([p]), greedy(NEW_TOKENS)))[0] for p in prompts]
 

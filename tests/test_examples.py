@@ -15,6 +15,7 @@ def run_example(name: str, *args: str) -> str:
 
 
 def test_offline_batch(tiny_checkpoint):
+    """As a user runs it, in vLLM's default compiled mode."""
     out = run_example("offline_batch.py", tiny_checkpoint, "--max-tokens", "8",
                       "--kv-cache-memory-bytes", str(256 << 20))
     assert out.count(" -> ") == 4
@@ -22,7 +23,7 @@ def test_offline_batch(tiny_checkpoint):
 
 def test_speculative_decoding_from_config_file(tiny_checkpoint):
     out = run_example("speculative_decoding.py", tiny_checkpoint, "--kv-cache-memory-bytes",
-                      str(256 << 20), "--dtype", "float32")
+                      str(256 << 20), "--dtype", "float32", "--enforce-eager")
     assert "speculative decoding counters:" in out
     assert "identical to plain decoding: True" in out
 

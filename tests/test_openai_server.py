@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, serving, token_ids
+from conftest import as_inputs, greedy, random_prompts, serving, token_ids
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
@@ -40,16 +40,15 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_checkpoint):
+def offline(default_llm):
     """Greedy completions of PROMPTS, and of the chat below, by offline `LLM`."""
     from vllm import SamplingParams
 
-    with running_llm(tiny_checkpoint, max_model_len=MAX_MODEL_LEN) as llm:
-        completions = llm.generate(PROMPTS, greedy(16))
-        chat = llm.chat([{"role": "user", "content": "Say something."}],
-                        SamplingParams(temperature=0.0, max_tokens=16))
-        long_prompts = random_prompts([3, 70, 5, 300, 17, 150, 1, 40], seed=9)
-        concurrent = token_ids(llm.generate(as_inputs(long_prompts), greedy(12)))
+    completions = default_llm.generate(PROMPTS, greedy(16))
+    chat = default_llm.chat([{"role": "user", "content": "Say something."}],
+                            SamplingParams(temperature=0.0, max_tokens=16))
+    long_prompts = random_prompts([3, 70, 5, 300, 17, 150, 1, 40], seed=9)
+    concurrent = token_ids(default_llm.generate(as_inputs(long_prompts), greedy(12)))
     return {"completions": [o.outputs[0].text for o in completions],
             "completion_ids": token_ids(completions),
             "chat": chat[0].outputs[0].text,

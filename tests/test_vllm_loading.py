@@ -53,10 +53,9 @@ def test_official_config_with_dummy_weights(tmp_path, monkeypatch, name, heads, 
     assert len(out.outputs[0].token_ids) == 2
 
 
-def test_tensor_parallel_matches_single_worker(tiny_checkpoint, monkeypatch):
+def test_tensor_parallel_matches_single_worker(tiny_checkpoint, default_llm, monkeypatch):
     prompts = random_prompts([7, 130, 60], seed=5)
-    with running_llm(tiny_checkpoint) as llm:
-        single = token_ids(llm.generate(as_inputs(prompts), greedy(16)))
+    single = token_ids(default_llm.generate(as_inputs(prompts), greedy(16)))
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     with running_llm(tiny_checkpoint, tensor_parallel_size=2, distributed_executor_backend="mp") as llm:
         assert token_ids(llm.generate(as_inputs(prompts), greedy(16))) == single

@@ -32,9 +32,8 @@ def reference_outputs(reference_model, prompts):
 
 
 @pytest.fixture(scope="module")
-def vllm_float32_outputs(tiny_checkpoint, prompts):
-    with running_llm(tiny_checkpoint, logprobs_mode="raw_logits", max_logprobs=TOP_LOGITS) as llm:
-        return llm.generate(as_inputs(prompts), greedy(NEW_TOKENS, logprobs=TOP_LOGITS))
+def vllm_float32_outputs(default_llm, prompts):
+    return default_llm.generate(as_inputs(prompts), greedy(NEW_TOKENS, logprobs=TOP_LOGITS))
 
 
 @pytest.mark.parametrize("index", range(len(PROMPT_LENGTHS)), ids=[f"len{n}" for n in PROMPT_LENGTHS])
