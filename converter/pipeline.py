@@ -24,10 +24,12 @@ import torch
 
 from .recipe import RecipeError
 
-# Recipe keys (dotted prefixes) that decide the data and evaluation sets every stage sees.
+# Recipe keys (dotted prefixes) that decide the training data, the evaluation sets, and
+# the score the searches rank by.
 DATA_KEYS = ("seq_len", "batch_size", "val_fraction", "max_tokens")
 EVAL_KEYS = DATA_KEYS + ("placement.eval_batches", "placement.retrieval_samples",
-                         "placement.retrieval_value_len", "placement.weights", "eval.files")
+                         "placement.retrieval_value_len", "eval.files")
+SCORE_KEYS = EVAL_KEYS + ("placement.weights",)
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,9 @@ STAGES = (
     Stage("teacher", "0-teacher", EVAL_KEYS, ()),
     Stage("supernet", "1-supernet", DATA_KEYS + ("budget", "jet", "supernet"), ()),
     Stage("placement", "2-placement", EVAL_KEYS + ("budget", "jet", "placement"), ("teacher", "supernet")),
-    Stage("blocks", "3-blocks", EVAL_KEYS + ("budget.swa_window", "jet", "blocks"),
+    Stage("blocks", "3-blocks", SCORE_KEYS + ("budget.swa_window", "jet", "blocks"),
           ("teacher", "supernet", "placement")),
-    Stage("hardware", "4-hardware", EVAL_KEYS + ("budget.swa_window", "jet", "state_size", "hardware"),
+    Stage("hardware", "4-hardware", SCORE_KEYS + ("budget.swa_window", "jet", "state_size", "hardware"),
           ("teacher", "placement", "blocks")),
     Stage("final", "5-final", EVAL_KEYS + ("budget.swa_window", "jet", "final"),
           ("supernet", "placement", "blocks", "hardware")),
