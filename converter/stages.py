@@ -56,7 +56,7 @@ class Context:
     val_batches: list[torch.Tensor]
     retrieval: RetrievalSet
     user_sets: list[UserEvalSet]
-    input_digests: dict  # content hashes of the teacher's weights and the tokenised data
+    input_digests: dict  # content hashes of the teacher's weights, the tokenised data, the eval files
     results: dict[str, dict] = field(default_factory=dict)  # by stage name, as the stages finish
 
     @property
