@@ -11,8 +11,8 @@ checkpoint's tokenizer as vLLM loads it; `--tokenizer TEACHER` gives the convert
 whose bf16 row is the conversion report's. (For the demo model the two differ: transformers
 loads the demo teacher's tokenizer files as `Qwen2Tokenizer`, because of the teacher's
 `model_type`, and the same files beside a Jet-Nemotron config as the generic tokenizer.) Both metrics are teacher-forced and come from vLLM's
-prompt logprobs: perplexity from the logprob of every next token, retrieval from whether each
-value token is the top-1 prediction. Writes bench/results/quantized_quality.json.
+prompt logprobs: perplexity from the logprob of every next token, retrieval from whether every
+value token of a query is the top-1 prediction. Writes bench/results/quantized_quality.json.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def held_out_data(tokenizer: str, corpus: str, recipe_path: str, windows: int | 
     from transformers import AutoConfig
 
     from vllm_jetnemotron.config import JetNemotronConfig
-    from vllm_jetnemotron.converter.data import retrieval_set, tokenize_corpus, validation_batches
+    from vllm_jetnemotron.converter.data import RetrievalTask, retrieval_set, tokenize_corpus, validation_batches
     from vllm_jetnemotron.converter.recipe import Recipe, read_recipe_file
 
     recipe = Recipe.model_validate(read_recipe_file(recipe_path)).model_dump()  # with the defaults
@@ -42,14 +42,16 @@ def held_out_data(tokenizer: str, corpus: str, recipe_path: str, windows: int | 
     tokens = tokenize_corpus([corpus], tokenizer, cache, seq_len, recipe["val_fraction"], recipe["max_tokens"])
     windows = windows or recipe["placement"]["eval_batches"] * recipe["batch_size"]
     val = validation_batches(tokens.val, 1, windows, seq_len)[0]
-    retrieval = retrieval_set(tokens.val, samples, seq_len, recipe["placement"]["retrieval_value_len"],
+    retrieval = retrieval_set(tokens.val, samples, seq_len, RetrievalTask.from_recipe(recipe["retrieval"]),
                               recipe["seed"])
     return val, retrieval
 
 
 def quality(checkpoint: str, val, retrieval, kv_bytes: int) -> dict:
-    """Perplexity over `val` and retrieval accuracy (value tokens exactly top-1), in vLLM."""
+    """Perplexity over `val` and retrieval accuracy (queries recalled exactly), in vLLM."""
     from vllm import LLM, SamplingParams
+
+    from vllm_jetnemotron.converter.training import wilson_interval
 
     llm = LLM(model=checkpoint, kv_cache_memory_bytes=kv_bytes, max_model_len=val.shape[1] + 8, seed=0)
     try:
@@ -63,18 +65,14 @@ def quality(checkpoint: str, val, retrieval, kv_bytes: int) -> dict:
         prompts = [{"prompt_token_ids": row.tolist()} for row in retrieval.input_ids]
         correct, total = 0, 0
         for row, positions, out in zip(retrieval.input_ids, retrieval.value_positions, llm.generate(prompts, params)):
-            for p in positions.tolist():
-                correct += out.prompt_logprobs[p][int(row[p])].rank == 1
+            for query in positions.tolist():  # a query is recalled when every value token is the top-1
+                correct += all(out.prompt_logprobs[p][int(row[p])].rank == 1 for p in query)
                 total += 1
     finally:
         llm.llm_engine.engine_core.shutdown()
     accuracy = correct / total
-    # 95% Wilson interval of the per-token accuracy
-    z, n = 1.96, total
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return {"val_ppl": math.exp(nll / count), "val_tokens": count, "retrieval": accuracy,
-            "retrieval_ci95": [centre - half, centre + half], "retrieval_tokens": total}
+            "retrieval_ci95": list(wilson_interval(correct, total)), "retrieval_queries": total}
 
 
 def main() -> None:

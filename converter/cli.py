@@ -6,7 +6,7 @@ speculative draft and a report.
     torchrun --nproc-per-node 2 -m vllm_jetnemotron.converter recipe.yaml   # DDP
     jet-nemotron-convert quantize CHECKPOINT OUT --scheme w8a8   # see quantize.py
 
-Stages (DESIGN.md section 5) run in order, each resumable in the workdir: re-running the
+Stages (converter/README.md, "Stages") run in order, each resumable in the workdir: re-running the
 same command after a kill continues from the last saved step; finished stages are
 skipped. A rerun with a recipe that changes a begun stage's settings stops and names the
 keys (`--restart-from STAGE` redoes that stage and the later ones); a stage whose inputs
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, read_user_eval, retrieval_set, tokenize_corpus, validation_batches
+from .data import (DataError, RetrievalTask, TrainingData, read_user_eval, retrieval_set, tokenize_corpus,
+                   validation_batches)
 from .lm_eval_tasks import check_lm_eval_tasks, lm_eval_scores
 from .pipeline import STAGE_NAMES, check_recipe_unchanged, file_digest, restart_from, stage_dir, tensors_digest
 from .recipe import STAGE_STEP_KEYS, RecipeError, build_recipe, read_recipe_file
@@ -151,6 +152,8 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
                                  recipe["val_fraction"], recipe["max_tokens"], write=rt.is_main)
         rt.barrier()
         user_sets = [read_user_eval(p, recipe["teacher"], recipe["seq_len"]) for p in recipe["eval"]["files"]]
+        task = RetrievalTask.from_recipe(recipe["retrieval"])
+        retrieval = retrieval_set(tokens.val, recipe["retrieval"]["samples"], recipe["seq_len"], task, recipe["seed"])
     except DataError:
         if new_workdir and rt.is_main:  # unusable data: leave no workdir behind
             for handler in log.handlers:
@@ -171,14 +174,12 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
         log.warning("Qwen3 q/k norms have no place in the Jet-Nemotron format: dropped; set final.trainable: all")
     teacher = load_teacher(recipe["teacher"], rt.device)
     teacher_tensors = teacher_state_dict(teacher)
-    placement = recipe["placement"]
     ctx = stages.Context(
         recipe=recipe, rt=rt, workdir=workdir, teacher_config=teacher_config, teacher=teacher,
-        teacher_tensors=teacher_tensors, tokens=tokens,
-        val_batches=validation_batches(tokens.val, placement["eval_batches"], recipe["batch_size"], recipe["seq_len"]),
-        retrieval=retrieval_set(tokens.val, placement["retrieval_samples"], recipe["seq_len"],
-                                placement["retrieval_value_len"], recipe["seed"]),
-        user_sets=user_sets,
+        teacher_tensors=teacher_tensors, training=TrainingData(tokens.train, task, recipe["retrieval"]["train_share"]),
+        val_batches=validation_batches(tokens.val, recipe["placement"]["eval_batches"], recipe["batch_size"],
+                                       recipe["seq_len"]),
+        retrieval=retrieval, user_sets=user_sets,
         input_digests={"teacher weights": tensors_digest(teacher_tensors),
                        "data tokens": tensors_digest({"train": tokens.train, "val": tokens.val}),
                        "eval files": [file_digest(Path(f)) for f in recipe["eval"]["files"]]})
@@ -198,7 +199,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     if not rt.is_main:
         return Path(recipe["out"])
     teacher_jet_config = ctx.config(["attn"] * ctx.num_layers)
-    comparison = {"teacher": {**teacher_metrics,
+    comparison = {"teacher": {**teacher_metrics, "layer_types": teacher_jet_config.layer_types,
                               "state_bytes_4k": teacher_jet_config.state_bytes_per_sequence(4096),
                               "state_bytes_64k": teacher_jet_config.state_bytes_per_sequence(65536)},
                   "converted": final}

@@ -133,6 +133,94 @@ def train_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, 
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
 
 
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Multi-query associative recall written over real text: `pairs` key-value records
+    (random sequences of `key_len` and `value_len` tokens from the data's vocabulary) at
+    random places in the first half of a window, and at its end `queries` of the keys
+    again, each followed by its value, which a model can only recall from the context.
+    Records are split by the parity of their token-id sums: training rows use even keys
+    and values, held-out rows odd ones, so no held-out key or value is ever trained on."""
+
+    key_len: int = 2
+    value_len: int = 4
+    pairs: int = 8
+    queries: int = 4
+
+    @classmethod
+    def from_recipe(cls, section: dict) -> "RetrievalTask":
+        """The task a recipe's `retrieval` section describes."""
+        return cls(section["key_len"], section["value_len"], section["pairs"], section["queries"])
+
+    @property
+    def record_len(self) -> int:
+        return self.key_len + self.value_len
+
+    def check(self, seq_len: int) -> None:
+        if self.queries > self.pairs:
+            raise DataError(f"retrieval queries ({self.queries}) cannot exceed pairs ({self.pairs})")
+        if self.pairs * self.record_len > seq_len // 2 - 1 or self.queries * self.record_len > seq_len // 2:
+            raise DataError(f"seq_len {seq_len} is too short for {self.pairs} retrieval records of "
+                            f"{self.record_len} tokens in its first half and {self.queries} queries after it")
+
+    def write(self, rows: torch.Tensor, vocabulary: torch.Tensor, g: torch.Generator,
+              heldout: bool) -> torch.Tensor:
+        """Write records and queries into `rows` [N, L] in place; returns the positions
+        [N, queries, value_len] of the queried value tokens."""
+        n, length = rows.shape
+        rec, tail = self.record_len, self.queries * self.record_len
+        keys = random_sequences(vocabulary, (n, self.pairs, self.key_len), g, odd=heldout)
+        values = random_sequences(vocabulary, (n, self.pairs, self.value_len), g, odd=heldout)
+        records = torch.cat([keys, values], dim=-1)  # [N, pairs, rec]
+        free = length // 2 - 1 - self.pairs * rec  # filler tokens left between the records
+        for i in range(n):
+            gaps = torch.randint(0, free + 1, (self.pairs,), generator=g).sort().values  # [pairs]
+            starts = 1 + gaps + torch.arange(self.pairs) * rec  # record p after gaps[p] filler tokens
+            rows[i, (starts[:, None] + torch.arange(rec)).flatten()] = records[i].flatten()
+            asked = torch.randperm(self.pairs, generator=g)[:self.queries]
+            rows[i, length - tail:] = records[i, asked].flatten()
+        first = length - tail + self.key_len + torch.arange(self.queries) * rec  # [queries]
+        return (first[:, None] + torch.arange(self.value_len)).expand(n, -1, -1)
+
+
+def random_sequences(vocabulary: torch.Tensor, shape: tuple[int, ...], g: torch.Generator,
+                     odd: bool) -> torch.Tensor:
+    """Tokens drawn uniformly from `vocabulary`, each sequence (last dim) with an odd or
+    even sum of ids (its last token redrawn until it has)."""
+    parities = set((vocabulary % 2).tolist())
+    if parities != {0, 1}:
+        raise DataError("the data's vocabulary needs both even and odd token ids for retrieval records")
+    ids = vocabulary[torch.randint(len(vocabulary), shape, generator=g)]
+    wrong = ids.sum(-1) % 2 != int(odd)
+    while wrong.any():
+        last = ids[..., -1]
+        last[wrong] = vocabulary[torch.randint(len(vocabulary), (int(wrong.sum()),), generator=g)]
+        wrong = ids.sum(-1) % 2 != int(odd)
+    return ids
+
+
+@dataclass
+class TrainingData:
+    """Training windows of the corpus, a share of them (`retrieval_share` of each batch,
+    rounded) carrying training-split retrieval records."""
+
+    tokens: torch.Tensor  # [N] int64
+    retrieval: RetrievalTask | None = None
+    retrieval_share: float = 0.0
+
+    def __post_init__(self):
+        self.vocabulary = self.tokens.unique() if self.retrieval and self.retrieval_share else None
+
+    def batch(self, batch_size: int, seq_len: int, seed: int, stage: str, step: int, rank: int = 0) -> torch.Tensor:
+        ids = train_batch(self.tokens, batch_size, seq_len, seed, stage, step, rank)
+        count = round(self.retrieval_share * batch_size) if self.vocabulary is not None else 0
+        if count:
+            self.retrieval.check(seq_len)
+            self.retrieval.write(ids[:count], self.vocabulary, step_generator(seed, stage, step, rank, "retrieval"),
+                                 heldout=False)
+        return ids
+
+
 def validation_batches(tokens: torch.Tensor, num_batches: int, batch_size: int, seq_len: int) -> list[torch.Tensor]:
     """Evenly spaced windows of the validation tokens (the same for every candidate)."""
     count = num_batches * batch_size
@@ -144,33 +232,25 @@ def validation_batches(tokens: torch.Tensor, num_batches: int, batch_size: int, 
 
 @dataclass
 class RetrievalSet:
-    """Prompts `[N, L]` whose last `value_len` tokens repeat a value placed early in the
-    context after the same key; `targets` marks those positions (recall them exactly)."""
+    """Prompts and, per query, the positions of the value tokens to recall."""
 
     input_ids: torch.Tensor  # [N, L]
-    value_positions: torch.Tensor  # [N, value_len]: positions whose token is to be predicted
+    value_positions: torch.Tensor  # [N, queries, value_len]
 
 
-def retrieval_set(tokens: torch.Tensor, num_samples: int, seq_len: int, value_len: int, seed: int,
-                  key_len: int = 2) -> RetrievalSet:
-    """Built from the data: a window of real text as filler, a key (`key_len` tokens) and a
-    value (`value_len` tokens), both spans of real text, written near the start; the
-    prompt ends with the key again, and the model must continue with the value. The
-    distance between the two copies is most of `seq_len`, beyond a sliding window."""
+def retrieval_set(tokens: torch.Tensor, num_samples: int, seq_len: int, task: RetrievalTask,
+                  seed: int) -> RetrievalSet:
+    """Held-out retrieval prompts: windows of `tokens` (the validation split) with the
+    task's held-out records. Records lie in the first half of a window and queries in its
+    last `queries * record_len` tokens, so every recall spans at least `seq_len / 2 -
+    queries * record_len` tokens (104 of 256 with the defaults): beyond a shorter sliding
+    window."""
+    task.check(seq_len)
     g = step_generator(seed, "retrieval")
-    rows, positions = [], []
-    record = key_len + value_len
-    for _ in range(num_samples):
-        start = int(torch.randint(0, len(tokens) - seq_len, (1,), generator=g))
-        row = tokens[start:start + seq_len].clone()
-        span_start = int(torch.randint(0, len(tokens) - record, (1,), generator=g))
-        kv = tokens[span_start:span_start + record]
-        at = int(torch.randint(1, max(2, seq_len // 8), (1,), generator=g))
-        row[at:at + record] = kv
-        row[seq_len - record:] = kv
-        rows.append(row)
-        positions.append(torch.arange(seq_len - value_len, seq_len))
-    return RetrievalSet(torch.stack(rows), torch.stack(positions))
+    starts = torch.randint(0, len(tokens) - seq_len, (num_samples,), generator=g)
+    rows = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    positions = task.write(rows, tokens.unique(), g, heldout=True)
+    return RetrievalSet(rows, positions.contiguous())
 
 
 @dataclass

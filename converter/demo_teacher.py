@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sysconfig
 import time
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .data import RetrievalTask
 
 EOS = "<|endoftext|>"
 SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
@@ -87,13 +90,17 @@ def tiny_qwen2_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_
 
 def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int,
              intermediate: int, steps: int, batch_size: int, seq_len: int, lr: float, seed: int,
-             max_tokens: int, val_fraction: float = 0.05) -> Path:
-    """Train tokenizer and teacher; write `out_dir` atomically. Returns it."""
+             max_tokens: int, retrieval: RetrievalTask, retrieval_share: float, val_fraction: float = 0.05,
+             eval_every: int = 200) -> Path:
+    """Train tokenizer and teacher on text with `retrieval_share` of each batch carrying
+    retrieval records; write `out_dir` atomically. Returns it. Every `eval_every` steps
+    and at the end, the validation perplexity and held-out retrieval accuracy go to
+    `train_log.jsonl`."""
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from .atomic_files import folder_written_atomically
-    from .data import tokenize_corpus, train_batch
-    from .training import lr_at
+    from .data import TrainingData, retrieval_set, tokenize_corpus, validation_batches
+    from .training import lm_loss, lr_at, retrieval_recall
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -108,6 +115,21 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
         config = tiny_qwen2_config(len(tokenizer), hidden, layers, heads, kv_heads, intermediate,
                                    tokenizer.eos_token_id)
         model = Qwen2ForCausalLM(config).float()
+        data = TrainingData(tokens.train, retrieval, retrieval_share)
+        val = validation_batches(tokens.val, 8, batch_size, seq_len)
+        heldout = retrieval_set(tokens.val, 128, seq_len, retrieval, seed)
+
+        def quality(step: int) -> dict:
+            model.eval()
+            logits = lambda ids: model(input_ids=ids).logits  # noqa: E731
+            loss = lm_loss(logits, val, torch.device("cpu"))
+            recalled, queries = retrieval_recall(logits, heldout, torch.device("cpu"), batch_size)
+            result = {"step": step, "val_ppl": round(math.exp(loss), 3), "retrieval": recalled / queries}
+            model.train()
+            print(f"teacher step {step}: validation perplexity {result['val_ppl']:.2f}, held-out "
+                  f"retrieval {result['retrieval']:.1%}", flush=True)
+            return result
+
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
         log = (tmp / "train_log.jsonl").open("w")
         started = time.time()
@@ -115,7 +137,7 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
         for step in range(steps):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup=min(50, steps // 10 + 1))
-            ids = train_batch(tokens.train, batch_size, seq_len, seed, "teacher", step)
+            ids = data.batch(batch_size, seq_len, seed, "teacher", step)
             logits = model(input_ids=ids).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)
@@ -126,6 +148,8 @@ def pretrain(out_dir: Path, corpus: Path, vocab_size: int, hidden: int, layers: 
             if (step + 1) % 20 == 0 or step == 0:
                 print(f"teacher step {step + 1}/{steps} loss {float(loss.detach()):.3f} "
                       f"({time.time() - started:.0f} s)", flush=True)
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                log.write(json.dumps(quality(step + 1)) + "\n")
         log.close()
         model.eval()
         model.save_pretrained(tmp)
@@ -149,11 +173,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrieval-share", type=float, default=0.25,
+                   help="share of each batch carrying retrieval records (data.RetrievalTask)")
+    p.add_argument("--retrieval-pairs", type=int, default=RetrievalTask.pairs)
+    p.add_argument("--retrieval-queries", type=int, default=RetrievalTask.queries)
+    p.add_argument("--retrieval-key-len", type=int, default=RetrievalTask.key_len)
+    p.add_argument("--retrieval-value-len", type=int, default=RetrievalTask.value_len)
     args = p.parse_args(argv)
     started = time.time()
     corpus = write_corpus(args.corpus, args.max_chars)
     pretrain(args.out_dir, corpus, args.vocab_size, args.hidden, args.layers, args.heads, args.kv_heads,
-             args.intermediate, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, args.max_tokens)
+             args.intermediate, args.steps, args.batch_size, args.seq_len, args.lr, args.seed, args.max_tokens,
+             RetrievalTask(args.retrieval_key_len, args.retrieval_value_len, args.retrieval_pairs,
+                           args.retrieval_queries), args.retrieval_share)
     print(f"wrote the teacher {args.out_dir} in {time.time() - started:.0f} s")
 
 

@@ -1,5 +1,5 @@
-"""Export (DESIGN.md section 3) and the report: the converted model in the official
-checkpoint format with the teacher's tokenizer, the draft in `draft/`, the vLLM
+"""Export and the report: the converted model in the official checkpoint format
+(`vllm_jetnemotron/config.py`) with the teacher's tokenizer, the draft in `draft/`, the vLLM
 `speculative_config.json`, and `report.json`, `report.md`, `plots/*.png`.
 
 Everything is written to a temporary folder beside `--out` and renamed at the end, so
@@ -72,6 +72,23 @@ def write_report(folder: Path, report: dict) -> None:
     (folder / "report.md").write_text(report_markdown(report))
 
 
+def _retrieval(r: dict) -> str:
+    low, high = r["retrieval_ci95"]
+    return f"{r['retrieval']:.1%} ({low:.1%}-{high:.1%})"
+
+
+def placement_verdict(comparison: dict) -> str:
+    """Whether the searched placement's retrieval beats uniform's beyond both 95% intervals."""
+    uniform = comparison.get("uniform (distilled)") or comparison.get("uniform (super-network)")
+    searched, teacher = comparison["converted"], comparison["teacher"]
+    if uniform is None or uniform["layer_types"] == searched["layer_types"]:
+        return "The searched placement is the uniform one." if uniform else ""
+    apart = searched["retrieval_ci95"][0] > uniform["retrieval_ci95"][1]
+    return (f"Searched placement {_retrieval(searched)} vs uniform {_retrieval(uniform)} retrieval: "
+            + ("ahead beyond both 95% intervals" if apart else "**not** ahead beyond both 95% intervals")
+            + f"; {100 * (teacher['retrieval'] - searched['retrieval']):.1f} points below the teacher.")
+
+
 def report_markdown(report: dict) -> str:
     rows = report["comparison"]
     lines = ["# Jet-Nemotron conversion report", "",
@@ -80,22 +97,24 @@ def report_markdown(report: dict) -> str:
              f"Draft: {len(report['draft']['layer_map'])} attention layers (teacher layers "
              f"{report['draft']['layer_map']}), greedy agreement with the converted model "
              f"{report['draft']['top1_agreement']:.1%}", "",
-             "| model | val perplexity | retrieval accuracy | state / sequence at 4K | at 64K |",
-             "|---|---|---|---|---|"]
+             "| model | layer types | val perplexity | retrieval (95% CI) | state / sequence at 4K | at 64K |",
+             "|---|---|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['val_ppl']:.3f} | {r['retrieval']:.1%} | "
+        lines.append(f"| {name} | {' '.join(r['layer_types'])} | {r['val_ppl']:.3f} | {_retrieval(r)} | "
                      f"{_fmt_bytes(r['state_bytes_4k'])} | {_fmt_bytes(r['state_bytes_64k'])} |")
-    lines += ["", "State bytes: KV cache of attn/swa layers plus JetBlock conv and recurrent states, "
-              "bf16 elements.", ""]
+    lines += ["", "Retrieval: share of held-out queries whose whole value is recalled (keys and values never "
+              "trained on), Wilson interval over the queries. State bytes: KV cache of attn/swa layers plus "
+              "JetBlock conv and recurrent states, bf16 elements.", "", placement_verdict(rows), ""]
     if "lm_eval" in report:
         lines += ["## lm-eval (converted model, `hf` backend)", "", "| task | metric | value |", "|---|---|---|"]
         lines += [f"| {task} | {metric} | {value:.4f} |" for task, metrics in report["lm_eval"].items()
                   for metric, value in metrics.items()]
         lines.append("")
-    lines += ["## Placement search (super-network scores, one attention layer at a time)", "",
-              "| layer | score | val loss | retrieval |", "|---|---|---|---|"]
+    lines += ["## Per-layer ablation (super-network: one layer kept as attention, all others JetBlocks)", "",
+              "| layer | score | val loss | retrieval (95% CI) |", "|---|---|---|---|"]
     for s in report["placement"]["single_layer"]:
-        lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {s['retrieval']:.1%} |")
+        lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {_retrieval(s)} |")
+    lines += ["", "![per-layer ablation](plots/layer_ablation.png)"]
     lines += ["", "## Hardware-aware search", "",
               "| candidate | score | val loss | retrieval | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|"]
     for label, c in report["hardware"]["candidates"].items():
@@ -139,17 +158,24 @@ def write_plots(plots: Path, report: dict) -> None:
     single = report["placement"]["single_layer"]
     fig, ax1 = plt.subplots(figsize=(8, 4))
     layers = [s["layer"] for s in single]
-    ax1.bar([x - 0.2 for x in layers], [s["retrieval"] for s in single], width=0.4, label="retrieval accuracy")
+    errors = [[s["retrieval"] - s["retrieval_ci95"][0] for s in single],
+              [s["retrieval_ci95"][1] - s["retrieval"] for s in single]]
+    ax1.bar([x - 0.2 for x in layers], [s["retrieval"] for s in single], width=0.4, yerr=errors, capsize=3,
+            label="retrieval (95% CI)")
+    for label, r, style in (("teacher", report["comparison"]["teacher"], "--"),
+                            ("all JetBlock", report["placement"]["supernet_layouts"]["all_jet"], ":")):
+        ax1.axhline(r["retrieval"], color="gray", linestyle=style, label=f"{label} retrieval")
     ax1.set_xlabel("layer kept as full attention (all others JetBlocks)")
-    ax1.set_ylabel("retrieval accuracy")
+    ax1.set_ylabel("held-out retrieval")
+    ax1.set_xticks(layers)
     ax2 = ax1.twinx()
     ax2.bar([x + 0.2 for x in layers], [s["val_loss"] for s in single], width=0.4, color="tab:orange",
             label="validation loss")
     ax2.set_ylabel("validation loss")
     fig.legend(loc="upper right", fontsize=7)
-    ax1.set_title("Per-layer placement scores (super-network)")
+    ax1.set_title("Per-layer ablation (super-network)")
     fig.tight_layout()
-    fig.savefig(plots / "placement_scores.png", dpi=100)
+    fig.savefig(plots / "layer_ablation.png", dpi=100)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,9 +1,9 @@
 """Reference Jet-Nemotron model in plain PyTorch (Hugging Face `PreTrainedModel`).
 
 It is the oracle the vLLM model is tested against and the model the converter trains.
-Its JetBlock calls the definitions in `kernels` (`naive.py` of each operation), so it
-is slow but transparently follows the math of DESIGN.md section 2. Weights load from and
-save to the official checkpoint format (`from_pretrained` / `save_pretrained`).
+Its JetBlock calls the definitions in `kernels` (`naive.py` of each operation, where the
+math is written out), so it is slow but transparent. Weights load from and save to the
+official checkpoint format (`from_pretrained` / `save_pretrained`).
 """
 
 from __future__ import annotations

@@ -26,9 +26,9 @@ from .recipe import RecipeError
 
 # Recipe keys (dotted prefixes) that decide the training data, the evaluation sets, and
 # the score the searches rank by.
-DATA_KEYS = ("seq_len", "batch_size", "val_fraction", "max_tokens")
-EVAL_KEYS = DATA_KEYS + ("placement.eval_batches", "placement.retrieval_samples",
-                         "placement.retrieval_value_len", "eval.files")
+DATA_KEYS = ("seq_len", "batch_size", "val_fraction", "max_tokens", "retrieval.key_len", "retrieval.value_len",
+             "retrieval.pairs", "retrieval.queries", "retrieval.train_share")
+EVAL_KEYS = DATA_KEYS + ("placement.eval_batches", "retrieval.samples", "eval.files")
 SCORE_KEYS = EVAL_KEYS + ("placement.weights",)
 
 

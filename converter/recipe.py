@@ -85,9 +85,19 @@ class PlacementWeights(_Section):
 class Placement(_Section):
     beam_width: PositiveInt = 2
     eval_batches: PositiveInt = 8          # validation batches per candidate placement
-    retrieval_samples: PositiveInt = 64    # retrieval prompts per candidate placement
-    retrieval_value_len: PositiveInt = 4   # tokens of the value to recall
     weights: PlacementWeights = PlacementWeights()
+
+
+class Retrieval(_Section):
+    """The in-context retrieval task (`data.RetrievalTask`) every evaluation scores, on
+    held-out records; `train_share` of each training batch carries training-split ones."""
+
+    samples: PositiveInt = 64   # held-out retrieval prompts
+    key_len: PositiveInt = 2
+    value_len: PositiveInt = 4
+    pairs: PositiveInt = 8      # key-value records per prompt
+    queries: PositiveInt = 4    # of them asked for at the end
+    train_share: Annotated[Number, Field(ge=0, le=1)] = 0.0
 
 
 class Blocks(_Section):
@@ -162,6 +172,7 @@ class Recipe(_Section):
     state_size: PositiveInt | None = None  # recurrent-state elements per JetBlock (H*K*V); None: from `jet`
     supernet: Supernet = Supernet()
     placement: Placement = Placement()
+    retrieval: Retrieval = Retrieval()
     blocks: Blocks = Blocks()
     hardware: Hardware = Hardware()
     final: Final = Final()

@@ -1,4 +1,4 @@
-"""The PostNAS stages (DESIGN.md section 5). `run_stage` runs one entry of the stage
+"""The PostNAS stages (converter/README.md, "Stages"). `run_stage` runs one entry of the stage
 table (`pipeline.STAGES`: folder, recipe slice, inputs) in its workdir folder; the stage
 functions get the shared `Context`, their folder and the outputs of the earlier stages
 they read:
@@ -33,13 +33,13 @@ from tqdm import tqdm
 
 from vllm_jetnemotron.config import JetNemotronConfig
 
-from .data import RetrievalSet, TokenData, UserEvalSet, step_generator
+from .data import RetrievalSet, TrainingData, UserEvalSet, step_generator
 from .hardware import candidate_grid, jetblock_throughput, state_size
 from .pipeline import BY_NAME, STAGE_NAMES, Stage, changed_keys, read_fingerprint, recipe_slice, result_digest
 from .students import SuperNetwork, build_student, set_trainable
 from .teacher import student_config
 from .atomic_files import save_atomic, write_json_atomic
-from .training import Runtime, answer_loss, lm_loss, retrieval_accuracy, run_training
+from .training import Runtime, answer_loss, lm_loss, retrieval_recall, run_training, wilson_interval
 
 log = logging.getLogger("jet_nemotron_convert")
 
@@ -52,7 +52,7 @@ class Context:
     teacher_config: dict
     teacher: nn.Module  # Hugging Face model, frozen
     teacher_tensors: dict[str, torch.Tensor]
-    tokens: TokenData
+    training: TrainingData
     val_batches: list[torch.Tensor]
     retrieval: RetrievalSet
     user_sets: list[UserEvalSet]
@@ -75,7 +75,7 @@ class Context:
               teacher_logits=None, warmup: int = 10) -> list[float]:
         r = self.recipe
         return run_training(name, stage_dir, model, student_logits, teacher_logits or self.teacher_logits,
-                            self.tokens.train, self.rt, steps, lr, r["batch_size"], r["seq_len"],
+                            self.training, self.rt, steps, lr, r["batch_size"], r["seq_len"],
                             r["save_every"], warmup=min(warmup, max(1, steps // 5)))
 
 
@@ -145,11 +145,13 @@ def read_result(stage_dir: Path) -> dict:
 
 
 def evaluate(ctx: Context, logits_fn) -> dict:
-    """Validation loss and perplexity, retrieval accuracy, user eval answer losses."""
+    """Validation loss and perplexity, retrieval accuracy (share of held-out queries
+    recalled exactly, with its 95% interval), user eval answer losses."""
     device = ctx.rt.device
     loss = lm_loss(logits_fn, ctx.val_batches, device)
-    metrics = {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp()),
-               "retrieval": retrieval_accuracy(logits_fn, ctx.retrieval, device, ctx.recipe["batch_size"])}
+    recalled, queries = retrieval_recall(logits_fn, ctx.retrieval, device, ctx.recipe["batch_size"])
+    metrics = {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp()), "retrieval": recalled / queries,
+               "retrieval_ci95": list(wilson_interval(recalled, queries))}
     if ctx.user_sets:
         metrics["user"] = {s.name: answer_loss(logits_fn, s, device) for s in ctx.user_sets}
     return metrics

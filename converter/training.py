@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .atomic_files import save_atomic
-from .data import RetrievalSet, UserEvalSet, train_batch
+from .data import RetrievalSet, TrainingData, UserEvalSet
 
 log = logging.getLogger("jet_nemotron_convert")
 
@@ -90,7 +90,7 @@ def run_training(
     model: nn.Module,
     student_logits: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
     teacher_logits: Callable[[torch.Tensor], torch.Tensor],
-    tokens: torch.Tensor,
+    data: TrainingData,
     rt: Runtime,
     steps: int,
     lr: float,
@@ -142,7 +142,7 @@ def run_training(
     model.train()
     for step in range(start, steps):
         t0 = time.perf_counter()
-        ids = train_batch(tokens, per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
+        ids = data.batch(per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
         with torch.no_grad():
             target = teacher_logits(ids)
         loss = kl_distillation_loss(student_logits(module, ids, step), target)
@@ -195,17 +195,28 @@ def lm_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: list[tor
 
 
 @torch.no_grad()
-def retrieval_accuracy(logits_fn: Callable[[torch.Tensor], torch.Tensor], data: RetrievalSet,
-                       device: torch.device, batch_size: int = 8) -> float:
-    """Share of value tokens predicted exactly (greedy, teacher-forced)."""
+def retrieval_recall(logits_fn: Callable[[torch.Tensor], torch.Tensor], data: RetrievalSet,
+                     device: torch.device, batch_size: int = 8) -> tuple[int, int]:
+    """(queries whose whole value is predicted exactly, queries): greedy, teacher-forced."""
     correct, count = 0, 0
     for ids, positions in zip(data.input_ids.split(batch_size), data.value_positions.split(batch_size)):
-        ids = ids.to(device)
-        logits = logits_fn(ids)
-        predicted = logits.argmax(-1).gather(1, (positions - 1).to(device))  # [B, value_len]
-        correct += int((predicted == ids.gather(1, positions.to(device))).sum())
-        count += positions.numel()
-    return correct / max(1, count)
+        ids, positions = ids.to(device), positions.to(device)  # positions: [B, Q, V]
+        flat = positions.flatten(1)
+        predicted = logits_fn(ids).argmax(-1).gather(1, flat - 1)  # [B, Q * V]
+        right = (predicted == ids.gather(1, flat)).view(positions.shape).all(-1)  # [B, Q]
+        correct += int(right.sum())
+        count += right.numel()
+    return correct, count
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for z = 1.96)."""
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import LM_EVAL_TASKS, as_inputs, greedy, lm_eval_with_vllm, running_llm, token_ids, write_lm_eval_tasks
 from vllm_jetnemotron.config import JetNemotronConfig
 from vllm_jetnemotron.converter import cli, demo_teacher
+from vllm_jetnemotron.converter.data import RetrievalTask, TrainingData, retrieval_set
 from vllm_jetnemotron.converter.pipeline import STAGES, stage_dir
 from vllm_jetnemotron.converter.recipe import build_recipe
 
@@ -33,7 +34,8 @@ def teacher(tmp_path_factory) -> tuple[str, str]:
     corpus = demo_teacher.write_corpus(root / "corpus", max_chars=400_000)
     path = demo_teacher.pretrain(root / "teacher", corpus, vocab_size=512, hidden=64, layers=4, heads=2,
                                  kv_heads=1, intermediate=128, steps=10, batch_size=8, seq_len=64, lr=3e-3,
-                                 seed=0, max_tokens=20_000_000)
+                                 seed=0, max_tokens=20_000_000, retrieval=RetrievalTask(pairs=2, queries=2),
+                                 retrieval_share=0.25, eval_every=5)
     return str(path), str(corpus.parent)
 
 
@@ -69,8 +71,11 @@ def test_every_stage_and_the_report(converted):
     assert set(report["blocks"]["candidates"]) == {"jet", "gdn"}
     assert len(report["hardware"]["candidates"]) == 2
     assert len(report["placement"]["single_layer"]) == 4
-    assert {"teacher", "converted"} <= set(report["comparison"])
-    for name in ("loss_curves", "placement_scores", "accuracy_vs_throughput"):
+    assert {"teacher", "converted", "uniform (super-network)", "all_jet (super-network)"} <= set(report["comparison"])
+    for row in [*report["comparison"].values(), *report["placement"]["single_layer"]]:
+        low, high = row["retrieval_ci95"]
+        assert 0 <= low <= row["retrieval"] <= high <= 1 and high - low > 0.05  # 8 prompts x 2 queries
+    for name in ("loss_curves", "layer_ablation", "accuracy_vs_throughput"):
         assert (converted / "plots" / f"{name}.png").stat().st_size > 1000
     assert "| converted |" in (converted / "report.md").read_text()
     assert (converted / "tokenizer.json").is_file() and (converted / "draft" / "tokenizer.json").is_file()
@@ -223,6 +228,9 @@ RECIPE_EDITS = {  # dotted key -> value written into the recipe file
     "val_fraction": ("val_fraction", 2.0),
     "device": ("device", "tpu"),
     "unknown_key": ("final.stepz", 3),
+    "retrieval_too_long": ("retrieval.pairs", 20),
+    "retrieval_queries": ("retrieval.queries", 3),
+    "retrieval_share": ("retrieval.train_share", 1.5),
 }
 
 
@@ -270,6 +278,9 @@ def _edited_recipe(tmp_path, key, value) -> str:
     ("val_fraction", "recipe key val_fraction = 2.0: Input should be less than 1"),
     ("device", "recipe key device = 'tpu': expected auto, cpu, cuda or cuda:N"),
     ("unknown_key", "unknown recipe key 'final.stepz'; known keys here: ['lr', 'steps', 'trainable', 'warmup']"),
+    ("retrieval_too_long", "seq_len 64 is too short for 20 retrieval records of 6 tokens"),
+    ("retrieval_queries", "retrieval queries (3) cannot exceed pairs (2)"),
+    ("retrieval_share", "recipe key retrieval.train_share = 1.5: Input should be less than or equal to 1"),
     ("yaml_syntax", "recipe.yaml: YAML syntax error at line 2, column"),
     ("unknown_lm_eval_task", "eval.lm_eval_tasks: ['no_such_task'] not found among lm-eval's tasks"),
 ])
@@ -306,6 +317,67 @@ def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message
     assert message in err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def induction_logits(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """An ideal copying model written from scratch: at each position, all mass on the token
+    that followed the latest earlier occurrence of the last two tokens (none: token 0)."""
+    logits = torch.zeros(*ids.shape, vocab)
+    for b, row in enumerate(ids.tolist()):
+        seen = {}
+        for p in range(1, len(row)):
+            logits[b, p, seen.get((row[p - 1], row[p]), 0)] = 1.0
+            if p + 1 < len(row):
+                seen[(row[p - 1], row[p])] = row[p + 1]
+    return logits
+
+
+def test_retrieval_prompts_are_solvable_only_by_copying_and_held_out(teacher, tmp_path):
+    """An ideal copying model recalls every held-out query and the training data's bigram
+    model none; no held-out key is a training key; the training mix carries records in
+    the given share of each batch, recalled the same way."""
+    from vllm_jetnemotron.converter.data import RetrievalSet, tokenize_corpus, train_batch
+    from vllm_jetnemotron.converter.training import retrieval_recall
+
+    cpu, vocab, task = torch.device("cpu"), 512, RetrievalTask()
+    tokens = tokenize_corpus([teacher[1]], teacher[0], tmp_path, 256, 0.05, 20_000_000)
+    heldout = retrieval_set(tokens.val, 32, 256, task, seed=0)
+    assert heldout.value_positions.shape == (32, task.queries, task.value_len)
+    recalled, queries = retrieval_recall(lambda ids: induction_logits(ids, vocab), heldout, cpu)
+    assert queries == 128 and recalled >= 0.97 * queries  # (a key's tokens can recur in the text after it)
+    counts = torch.zeros(vocab, vocab).index_put_((tokens.train[:-1], tokens.train[1:]),
+                                                  torch.ones(len(tokens.train) - 1), accumulate=True)
+    bigram = counts.argmax(1)
+    assert retrieval_recall(lambda ids: torch.nn.functional.one_hot(bigram[ids], vocab).float(), heldout, cpu)[0] == 0
+    first = heldout.value_positions[:, :, 0]  # a value is written after its key, both in the first half
+    keys = {tuple(row[p - task.key_len:p].tolist()) for row, ps in zip(heldout.input_ids, first) for p in ps}
+    data = TrainingData(tokens.train, task, retrieval_share=0.25)
+    recalled = 0
+    for step in range(50):
+        ids = data.batch(8, 256, seed=0, stage="teacher", step=step)
+        positions = heldout.value_positions[:2]  # the same in every prompt
+        recalled += retrieval_recall(lambda x: induction_logits(x, vocab), RetrievalSet(ids[:2], positions), cpu)[0]
+        assert torch.equal(ids[2:], train_batch(tokens.train, 8, 256, 0, "teacher", step)[2:])  # plain text
+        for row in ids[:2]:
+            tail = row[-task.queries * task.record_len:].view(task.queries, task.record_len)
+            assert not {tuple(r[:task.key_len].tolist()) for r in tail} & keys
+    assert recalled >= 0.97 * 50 * 2 * task.queries
+
+
+def test_demo_teacher_logs_its_held_out_quality(teacher):
+    """Every `eval_every` steps and at the end: validation perplexity and held-out recall."""
+    rows = [json.loads(line) for line in (Path(teacher[0]) / "train_log.jsonl").read_text().splitlines()]
+    quality = [r for r in rows if "retrieval" in r]
+    assert [r["step"] for r in quality] == [5, 10]
+    assert all(r["val_ppl"] > 1 and 0 <= r["retrieval"] <= 1 for r in quality)
+    assert quality[1]["val_ppl"] < quality[0]["val_ppl"]
+
+
+def test_wilson_interval_matches_published_values():
+    from vllm_jetnemotron.converter.training import wilson_interval
+
+    assert wilson_interval(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
 
 
 def test_recipe_numbers_as_people_write_them():

