@@ -114,6 +114,13 @@ def report_markdown(report: dict) -> str:
               "| layer | score | val loss | retrieval (95% CI) |", "|---|---|---|---|"]
     for s in report["placement"]["single_layer"]:
         lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {_retrieval(s)} |")
+    pairs = {tuple(p["layers"]): p for p in report["placement"]["layer_pairs"]}
+    n = len(report["placement"]["single_layer"])
+    lines += ["", "Two layers kept as attention (row, column), all others JetBlocks: retrieval", "",
+              "| | " + " | ".join(str(j) for j in range(1, n)) + " |", "|---" * n + "|"]
+    for i in range(n - 1):
+        cells = [f"{pairs[i, j]['retrieval']:.1%}" if j > i else "" for j in range(1, n)]
+        lines.append(f"| {i} | " + " | ".join(cells) + " |")
     lines += ["", "![per-layer ablation](plots/layer_ablation.png)"]
     lines += ["", "## Hardware-aware search", "",
               "| candidate | score | val loss | retrieval | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|"]
@@ -156,7 +163,7 @@ def write_plots(plots: Path, report: dict) -> None:
     plt.close(fig)
 
     single = report["placement"]["single_layer"]
-    fig, ax1 = plt.subplots(figsize=(8, 4))
+    fig, (ax1, ax3) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     layers = [s["layer"] for s in single]
     errors = [[s["retrieval"] - s["retrieval_ci95"][0] for s in single],
               [s["retrieval_ci95"][1] - s["retrieval"] for s in single]]
@@ -167,13 +174,27 @@ def write_plots(plots: Path, report: dict) -> None:
         ax1.axhline(r["retrieval"], color="gray", linestyle=style, label=f"{label} retrieval")
     ax1.set_xlabel("layer kept as full attention (all others JetBlocks)")
     ax1.set_ylabel("held-out retrieval")
+    ax1.set_ylim(0, 1)
     ax1.set_xticks(layers)
     ax2 = ax1.twinx()
     ax2.bar([x + 0.2 for x in layers], [s["val_loss"] for s in single], width=0.4, color="tab:orange",
             label="validation loss")
     ax2.set_ylabel("validation loss")
-    fig.legend(loc="upper right", fontsize=7)
-    ax1.set_title("Per-layer ablation (super-network)")
+    ax2.legend(handles=ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0],
+               loc="upper left", fontsize=7, framealpha=1)  # on the top axes: above every bar
+    ax1.set_title("One layer kept as attention (super-network)")
+    grid = torch.full((len(layers), len(layers)), float("nan"))
+    for p in report["placement"]["layer_pairs"]:
+        i, j = p["layers"]
+        grid[i, j] = grid[j, i] = p["retrieval"]
+    image = ax3.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis")
+    for p in report["placement"]["layer_pairs"]:
+        i, j = p["layers"]
+        ax3.text(j, i, f"{p['retrieval']:.0%}", ha="center", va="center", fontsize=7, color="white")
+    ax3.set_xticks(layers)
+    ax3.set_yticks(layers)
+    ax3.set_title("Two layers kept as attention: retrieval")
+    fig.colorbar(image, ax=ax3, fraction=0.046)
     fig.tight_layout()
     fig.savefig(plots / "layer_ablation.png", dpi=100)
     plt.close(fig)

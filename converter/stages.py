@@ -21,6 +21,7 @@ the saved weights.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -270,18 +271,25 @@ def stage_placement(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput
         steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
         beam = ranked[:width]
     best = list(beam[0])
-    bar.close()
-    single = []  # per-layer scores: one layer kept as attention, all others JetBlocks
-    for i in range(ctx.num_layers):
-        t = tuple("attn" if j == i else "jet" for j in range(ctx.num_layers))
+
+    def kept_as_attention(*layers: int) -> dict:
+        t = tuple("attn" if i in layers else "jet" for i in range(ctx.num_layers))
         evaluate_layout(t)
-        single.append({"layer": i, **evaluations[",".join(t)]})
+        return evaluations[",".join(t)]
+
+    # the ablations: one layer kept as attention, all others JetBlocks; then every pair of
+    # layers (recall needs two attention layers whose heads compose, as induction heads do)
+    single = [{"layer": i, **kept_as_attention(i)} for i in range(ctx.num_layers)]
+    pairs = [{"layers": [i, j], **kept_as_attention(i, j)}
+             for i, j in itertools.combinations(range(ctx.num_layers), 2)]
     extra = {}
     for name, types in (("uniform", uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"])),
                         ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
         evaluate_layout(tuple(types))
         extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
-    return {"layer_types": best, "beam_steps": steps, "single_layer": single, "supernet_layouts": extra}
+    bar.close()
+    return {"layer_types": best, "beam_steps": steps, "single_layer": single, "layer_pairs": pairs,
+            "supernet_layouts": extra}
 
 
 # ----- stage 3: block selection ---------------------------------------------------------

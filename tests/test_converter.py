@@ -71,13 +71,17 @@ def test_every_stage_and_the_report(converted):
     assert set(report["blocks"]["candidates"]) == {"jet", "gdn"}
     assert len(report["hardware"]["candidates"]) == 2
     assert len(report["placement"]["single_layer"]) == 4
+    assert [p["layers"] for p in report["placement"]["layer_pairs"]] == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
     assert {"teacher", "converted", "uniform (super-network)", "all_jet (super-network)"} <= set(report["comparison"])
-    for row in [*report["comparison"].values(), *report["placement"]["single_layer"]]:
+    for row in [*report["comparison"].values(), *report["placement"]["single_layer"],
+                *report["placement"]["layer_pairs"]]:
         low, high = row["retrieval_ci95"]
         assert 0 <= low <= row["retrieval"] <= high <= 1 and high - low > 0.05  # 8 prompts x 2 queries
     for name in ("loss_curves", "layer_ablation", "accuracy_vs_throughput"):
         assert (converted / "plots" / f"{name}.png").stat().st_size > 1000
-    assert "| converted |" in (converted / "report.md").read_text()
+    markdown = (converted / "report.md").read_text()
+    assert "| converted |" in markdown and "Two layers kept as attention" in markdown
+    assert "beyond both 95% intervals" in markdown or "The searched placement is the uniform one." in markdown
     assert (converted / "tokenizer.json").is_file() and (converted / "draft" / "tokenizer.json").is_file()
     draft = JetNemotronConfig.from_pretrained(converted / "draft")
     assert draft.layer_types == ["attn"]
@@ -371,6 +375,22 @@ def test_demo_teacher_logs_its_held_out_quality(teacher):
     assert [r["step"] for r in quality] == [5, 10]
     assert all(r["val_ppl"] > 1 and 0 <= r["retrieval"] <= 1 for r in quality)
     assert quality[1]["val_ppl"] < quality[0]["val_ppl"]
+
+
+def test_the_placement_verdict_needs_disjoint_intervals():
+    from vllm_jetnemotron.converter.export import placement_verdict
+
+    def row(types, retrieval, low, high):
+        return {"layer_types": types, "retrieval": retrieval, "retrieval_ci95": [low, high]}
+
+    teacher = row(["attn"] * 3, 0.8, 0.78, 0.82)
+    uniform = row(["attn", "jet", "jet"], 0.2, 0.17, 0.23)
+    apart = placement_verdict({"teacher": teacher, "converted": row(["jet", "attn", "jet"], 0.6, 0.57, 0.63),
+                               "uniform (distilled)": uniform})
+    assert "ahead beyond both 95% intervals; 20.0 points below the teacher" in apart and "**not**" not in apart
+    overlapping = placement_verdict({"teacher": teacher, "converted": row(["jet", "attn", "jet"], 0.25, 0.22, 0.28),
+                                     "uniform (distilled)": uniform})
+    assert "**not** ahead beyond both 95% intervals" in overlapping
 
 
 def test_wilson_interval_matches_published_values():
