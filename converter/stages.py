@@ -5,7 +5,7 @@ they read:
 
     0-teacher/    result.json            the teacher's own metrics (the scores' reference)
     1-supernet/   jet_blocks.pt          every layer's JetBlock trained in the super-network
-    2-placement/  result.json            beam search over attn / swa placement
+    2-placement/  result.json            beam search over attn / swa placement; layer ablations
     3-blocks/     <kind>/, chosen_jet_blocks.pt  JetBlock vs gated DeltaNet (static conv)
     4-hardware/   <H>-<K>-<e>/, chosen_jet_blocks.pt  grid at a fixed state size
     5-final/      model.pt               final distillation of the chosen architecture
