@@ -183,13 +183,18 @@ class RetrievalTask:
         return (first[:, None] + torch.arange(self.value_len)).expand(n, -1, -1)
 
 
+def record_vocabulary(tokens: torch.Tensor) -> torch.Tensor:
+    """The distinct token ids of `tokens`, which retrieval records are drawn from."""
+    vocabulary = tokens.unique()
+    if set((vocabulary % 2).tolist()) != {0, 1}:
+        raise DataError("the data's vocabulary needs both even and odd token ids for retrieval records")
+    return vocabulary
+
+
 def random_sequences(vocabulary: torch.Tensor, shape: tuple[int, ...], g: torch.Generator,
                      odd: bool) -> torch.Tensor:
-    """Tokens drawn uniformly from `vocabulary`, each sequence (last dim) with an odd or
-    even sum of ids (its last token redrawn until it has)."""
-    parities = set((vocabulary % 2).tolist())
-    if parities != {0, 1}:
-        raise DataError("the data's vocabulary needs both even and odd token ids for retrieval records")
+    """Tokens drawn uniformly from `vocabulary` (`record_vocabulary`), each sequence (last
+    dim) with an odd or even sum of ids (its last token redrawn until it has)."""
     ids = vocabulary[torch.randint(len(vocabulary), shape, generator=g)]
     wrong = ids.sum(-1) % 2 != int(odd)
     while wrong.any():
@@ -209,7 +214,7 @@ class TrainingData:
     retrieval_share: float = 0.0
 
     def __post_init__(self):
-        self.vocabulary = self.tokens.unique() if self.retrieval and self.retrieval_share else None
+        self.vocabulary = record_vocabulary(self.tokens) if self.retrieval and self.retrieval_share else None
 
     def batch(self, batch_size: int, seq_len: int, seed: int, stage: str, step: int, rank: int = 0) -> torch.Tensor:
         ids = train_batch(self.tokens, batch_size, seq_len, seed, stage, step, rank)
@@ -249,7 +254,7 @@ def retrieval_set(tokens: torch.Tensor, num_samples: int, seq_len: int, task: Re
     g = step_generator(seed, "retrieval")
     starts = torch.randint(0, len(tokens) - seq_len, (num_samples,), generator=g)
     rows = torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
-    positions = task.write(rows, tokens.unique(), g, heldout=True)
+    positions = task.write(rows, record_vocabulary(tokens), g, heldout=True)
     return RetrievalSet(rows, positions.contiguous())
 
 
