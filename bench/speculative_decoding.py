@@ -1,11 +1,12 @@
 """Speculative-decoding speed-up on a Jet-Nemotron checkpoint, side by side in one run.
 
-    .venv/bin/python bench/speculative_decoding.py MODEL [--draft DRAFT_FOLDER]
+    .venv/bin/python bench/speculative_decoding.py MODEL [--draft DRAFT_FOLDER] [--eagle3 HEAD_FOLDER]
 
-Generates the same greedy completions three ways (plain, `ngram`, and `draft_model` when
-a draft folder is given) and reports decode tokens/s, the speed-up over plain decoding
-and the mean acceptance length (tokens emitted per verification step: 1 + accepted
-drafts / verification steps). Writes bench/results/speculative_decoding.json.
+Generates the same greedy completions several ways (plain, `ngram`, `draft_model` when a
+draft folder is given, `eagle3` when an EAGLE-3 head folder is given; a converter export
+has both, in `draft/` and `eagle3/`) and reports decode tokens/s, the speed-up over plain
+decoding and the mean acceptance length (tokens emitted per verification step: 1 +
+accepted drafts / verification steps). Writes bench/results/speculative_decoding.json.
 A random checkpoint accepts almost no drafts; use a trained one (`make demo-model`).
 """
 
@@ -49,6 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
     parser.add_argument("--draft", help="draft checkpoint folder for the draft_model method")
+    parser.add_argument("--eagle3", help="EAGLE-3 head folder for the eagle3 method")
     parser.add_argument("--num-speculative-tokens", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--kv-bytes", type=int, default=1 << 30)
@@ -62,6 +64,8 @@ def main() -> None:
                          "prompt_lookup_min": 2, "prompt_lookup_max": 4}}
     if args.draft:
         methods["draft_model"] = {"method": "draft_model", "model": args.draft, "num_speculative_tokens": k}
+    if args.eagle3:
+        methods["eagle3"] = {"method": "eagle3", "model": args.eagle3, "num_speculative_tokens": k}
     results = {name: run(args.model, cfg, args.max_tokens, args.kv_bytes, args.dtype) for name, cfg in methods.items()}
     base = results["plain"]
     print(f"{'method':<12} {'tok/s':>8} {'speed-up':>9} {'accept len':>11} {'same tokens':>12}")
@@ -71,7 +75,7 @@ def main() -> None:
         print(f"{name:<12} {r['tokens_per_s']:8.1f} {r['speedup']:8.2f}x "
               f"{r.get('mean_acceptance_length', 1.0):11.2f} {str(r['same_tokens_as_plain']):>12}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "draft": args.draft, "num_speculative_tokens": k,
+    RESULTS.write_text(json.dumps({"model": args.model, "draft": args.draft, "eagle3": args.eagle3, "num_speculative_tokens": k,
                                    "dtype": args.dtype,
                                    "max_tokens": args.max_tokens, "results": results}, indent=2))
     print(f"wrote {RESULTS}")

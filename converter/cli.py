@@ -194,6 +194,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     results = ctx.results
     teacher_metrics, supernet, placement_result = results["teacher"], results["supernet"], results["placement"]
     blocks, hardware, final, draft = results["blocks"], results["hardware"], results["final"], results["draft"]
+    eagle3 = results["eagle3"]
     baselines = results["baselines"]["placements"]
     rt.barrier()  # every process is done with the stages; the main one reports and exports
     if not rt.is_main:
@@ -210,13 +211,14 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
             config = ctx.config(r["layer_types"])
             comparison[f"{name} (super-network)"] = {**r, "state_bytes_4k": config.state_bytes_per_sequence(4096),
                                                      "state_bytes_64k": config.state_bytes_per_sequence(65536)}
-    loss_curves = {"supernet": supernet["losses"], "final": final["losses"], "draft": draft["losses"]}
+    loss_curves = {"supernet": supernet["losses"], "final": final["losses"], "draft": draft["losses"],
+                   "eagle3": eagle3["losses"]}
     loss_curves.update({f"blocks-{k}": c["losses"] for k, c in blocks["candidates"].items()})
     loss_curves.update({f"hardware-{k}": c["losses"] for k, c in hardware["candidates"].items()})
     loss_curves.update({f"baseline-{k}": c["losses"] for k, c in baselines.items()})
     report = {"teacher": recipe["teacher"], "recipe": recipe, "comparison": comparison,
               "placement": placement_result, "blocks": blocks, "hardware": hardware, "final": final,
-              "baselines": baselines, "draft": draft, "loss_curves": loss_curves,
+              "baselines": baselines, "draft": draft, "eagle3": eagle3, "loss_curves": loss_curves,
               "stage_seconds_this_run": timings}
     evaluation = recipe["eval"]
     if evaluation["lm_eval_tasks"]:
@@ -227,7 +229,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
         timings["lm_eval"] = round(time.time() - t0, 1)
     report["seconds_this_run"] = round(time.time() - started, 1)
     out = export(workdir, Path(recipe["out"]), recipe, report)
-    log.info("wrote %s (report.md, speculative_config.json, draft/) in %.1f s", out, time.time() - started)
+    log.info("wrote %s (report.md, speculative configs, draft/, eagle3/) in %.1f s", out, time.time() - started)
     return out
 
 

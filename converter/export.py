@@ -16,6 +16,7 @@ import torch
 from vllm_jetnemotron.config import JetNemotronConfig
 
 from .atomic_files import folder_written_atomically
+from .eagle3 import save_eagle3_folder
 from .pipeline import stage_dir
 from .teacher import copy_tokenizer_files
 
@@ -48,9 +49,15 @@ def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
         save_model_folder(stage_dir(workdir, "final") / "model.pt", tmp, dtype, recipe["teacher"])
         (tmp / "draft").mkdir()
         save_model_folder(stage_dir(workdir, "draft") / "model.pt", tmp / "draft", dtype, recipe["teacher"])
-        speculative = {"method": "draft_model", "model": str(out / "draft"),
-                       "num_speculative_tokens": recipe["draft"]["num_speculative_tokens"]}
-        (tmp / "speculative_config.json").write_text(json.dumps(speculative, indent=2) + "\n")
+        save_eagle3_folder(torch.load(stage_dir(workdir, "eagle3") / "model.pt", weights_only=False), tmp / "eagle3",
+                           dtype)
+        copy_tokenizer_files(recipe["teacher"], tmp / "eagle3")
+        for name, method, folder, section in (("speculative_config.json", "eagle3", "eagle3", "eagle3"),
+                                              ("speculative_config.draft_model.json", "draft_model", "draft",
+                                               "draft")):
+            speculative = {"method": method, "model": str(out / folder),
+                           "num_speculative_tokens": recipe[section]["num_speculative_tokens"]}
+            (tmp / name).write_text(json.dumps(speculative, indent=2) + "\n")
         write_report(tmp, report)
     return out
 
@@ -89,14 +96,22 @@ def placement_verdict(comparison: dict) -> str:
             + f"; {100 * (teacher['retrieval'] - searched['retrieval']):.1f} points below the teacher.")
 
 
+def eagle3_summary(eagle3: dict) -> str:
+    steps = len(eagle3["top1_agreement_by_step"])
+    return (f"EAGLE-3 head (`eagle3/`): reads layers {eagle3['aux_layers']}; greedy agreement by draft step "
+            + " / ".join(f"{a:.1%}" for a in eagle3["top1_agreement_by_step"])
+            + f"; simulated acceptance length {eagle3['acceptance_length']:.2f} with {steps} drafts "
+            f"({eagle3['prompts']} validation prompts, greedy)")
+
+
 def report_markdown(report: dict) -> str:
     rows = report["comparison"]
     lines = ["# Jet-Nemotron conversion report", "",
              f"Teacher: `{report['teacher']}`  ", f"Layer types: `{report['final']['layer_types']}`  ",
              f"Block: `{report['blocks']['chosen']}`, JetBlock settings: `{report['hardware']['jet']}`  ",
-             f"Draft: {len(report['draft']['layer_map'])} attention layers (teacher layers "
+             f"Draft model (`draft/`): {len(report['draft']['layer_map'])} attention layer(s) (teacher layers "
              f"{report['draft']['layer_map']}), greedy agreement with the converted model "
-             f"{report['draft']['top1_agreement']:.1%}", "",
+             f"{report['draft']['top1_agreement']:.1%}  ", eagle3_summary(report['eagle3']), "",
              "| model | layer types | val perplexity | retrieval (95% CI) | state / sequence at 4K | at 64K |",
              "|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -137,8 +152,9 @@ def report_markdown(report: dict) -> str:
     lines += ["", "## Serving", "",
               "The folder is a Jet-Nemotron checkpoint: `python -m vllm_jetnemotron serve <this folder>`, or "
               "`LLM(model=<this folder>)`. Speculative decoding: pass the content of `speculative_config.json` "
-              "as `--speculative-config` / `LLM(speculative_config=...)`. Its `model` is the absolute path "
-              "of `draft/` written at export; vLLM resolves a relative path against the current working "
+              "(the EAGLE-3 head in `eagle3/`) or of `speculative_config.draft_model.json` (the draft model in "
+              "`draft/`) as `--speculative-config` / `LLM(speculative_config=...)`. Their `model` is the "
+              "absolute path written at export; vLLM resolves a relative path against the current working "
               "directory, so after moving the folder update that path.", ""]
     return "\n".join(lines)
 

@@ -276,15 +276,21 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor, cache: JetNemotronCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: JetNemotronCache | None = None,
+                output_hidden_states: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The final normed hidden states and, when asked, the residual stream entering
+        each layer (index i) and leaving the last one (index num_layers, before the final
+        norm): the indices of vLLM's `eagle_aux_hidden_state_layer_ids`."""
         start = cache.num_tokens if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids)
+        stream = [x]
         for layer in self.layers:
             x = layer(x, positions, cache)
+            stream.append(x)
         if cache is not None:
             cache.num_tokens += input_ids.shape[1]
-        return self.norm(x)
+        return self.norm(x), tuple(stream) if output_hidden_states else None
 
 
 class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
@@ -303,20 +309,23 @@ class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Padding is not supported: `attention_mask`, if given, must be all ones."""
+        """Padding is not supported: `attention_mask`, if given, must be all ones.
+        `hidden_states` (with `output_hidden_states`): the residual stream, see
+        `JetNemotronModel.forward`."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("JetNemotronForCausalLM (reference) does not support padded batches")
         if use_cache and past_key_values is None:
             past_key_values = JetNemotronCache()
-        hidden = self.model(input_ids, past_key_values if use_cache else None)
+        hidden, stream = self.model(input_ids, past_key_values if use_cache else None, bool(output_hidden_states))
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+            loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None, hidden_states=stream)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
         if past_key_values is not None:

@@ -54,6 +54,7 @@ STAGES = (
           ("supernet", "blocks", "hardware")),
     Stage("draft", "6-draft", EVAL_KEYS + ("budget.swa_window", "jet", "draft.num_layers", "draft.steps",
                                            "draft.lr"), ("final",)),
+    Stage("eagle3", "6-eagle3", EVAL_KEYS + ("eagle3",), ("final",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}

@@ -144,6 +144,23 @@ class Draft(_Section):
         return value
 
 
+class Eagle3(_Section):
+    steps: NonNegativeInt = 600
+    lr: PositiveFloat = 3e-3
+    warmup: NonNegativeInt = 30
+    num_speculative_tokens: PositiveInt = 3  # drafts per verification, and the unrolled steps trained
+    aux_layers: list[NonNegativeInt] | None = None  # residual-stream indices read (None: vLLM's rule)
+    eval_prompts: PositiveInt = 16       # validation prompts of the simulated speculative decoding
+    eval_new_tokens: PositiveInt = 64    # greedy tokens generated after each
+
+    @field_validator("aux_layers")
+    @classmethod
+    def _three_layers(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and len(set(value)) != 3:
+            raise ValueError("expected three distinct layer indices (EAGLE-3 reads low, middle and high layers)")
+        return value
+
+
 class Eval(_Section):
     files: list[str] = []  # jsonl with `prompt` and `answer`, scored by answer loss
     lm_eval_tasks: list[str] = []            # lm-eval tasks run on the converted model, last
@@ -178,6 +195,7 @@ class Recipe(_Section):
     final: Final = Final()
     baselines: Baselines = Baselines()  # e.g. placements [uniform, all_jet], for the report
     draft: Draft = Draft()
+    eagle3: Eagle3 = Eagle3()
     eval: Eval = Eval()
     export: Export = Export()
 
@@ -187,7 +205,7 @@ class Recipe(_Section):
         return [value] if isinstance(value, str) else value
 
 
-STAGE_STEP_KEYS = ("supernet", "blocks", "hardware", "final", "baselines", "draft")
+STAGE_STEP_KEYS = ("supernet", "blocks", "hardware", "final", "baselines", "draft", "eagle3")
 
 
 def _expected(error: dict) -> str:

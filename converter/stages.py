@@ -11,6 +11,7 @@ they read:
     5-final/      model.pt               final distillation of the chosen architecture
     5-baselines/  <name>/model.pt        the same recipe for uniform / all-JetBlock layouts
     6-draft/      model.pt               all-attention draft distilled from the final model
+    6-eagle3/     model.pt               EAGLE-3 head distilled from the final model
 
 Every folder gets `fingerprint.json` when its stage starts and `result.json` plus a
 `done` file when it finishes. A finished stage is skipped on the next run, an unfinished
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from vllm_jetnemotron.config import JetNemotronConfig
 
 from .data import RetrievalSet, TrainingData, UserEvalSet, step_generator
+from .eagle3 import Eagle3Head, TargetPass, default_aux_layers, speculative_greedy
 from .hardware import candidate_grid, jetblock_throughput, state_size
 from .pipeline import BY_NAME, STAGE_NAMES, Stage, changed_keys, read_fingerprint, recipe_slice, result_digest
 from .students import SuperNetwork, build_student, set_trainable
@@ -483,7 +485,55 @@ def draft_agreement(draft: nn.Module, target: nn.Module, ctx: Context) -> float:
     return same / count
 
 
+# ----- stage 6: EAGLE-3 head ---------------------------------------------------------------
+
+def stage_eagle3(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
+    """An EAGLE-3 head over the final model's residual stream (`eagle3.aux_layers`), trained
+    with `num_speculative_tokens` unrolled draft steps on the target's distributions."""
+    settings = ctx.recipe["eagle3"]
+    target = load_saved_model(inputs["final"].folder / "model.pt", ctx.rt.device)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    head = Eagle3Head.for_target(target, settings["aux_layers"] or default_aux_layers(ctx.num_layers), ctx.rt.seed)
+    head.to(ctx.rt.device)
+    steps = settings["num_speculative_tokens"]
+    target_pass = TargetPass(target, head.aux_layers, steps)
+    losses = ctx.train("eagle3", stage_dir, head, lambda module, ids, step: module(*target_pass.inputs(ids), steps),
+                       settings["steps"], settings["lr"], teacher_logits=target_pass.logits,
+                       warmup=settings["warmup"])
+    agreement = eagle3_agreement(head, target_pass, ctx)
+    prompts = [row[:ctx.recipe["seq_len"] // 4].tolist() for batch in ctx.val_batches for row in batch]
+    prompts = prompts[:settings["eval_prompts"]]
+    verifications = accepted = 0
+    for prompt in prompts:
+        _, v, a = speculative_greedy(target, head, prompt, settings["eval_new_tokens"], steps)
+        verifications, accepted = verifications + v, accepted + a
+    if ctx.rt.is_main:
+        save_atomic({"config": head.config, "state_dict": {k: t.cpu() for k, t in head.state_dict().items()}},
+                    stage_dir / "model.pt")
+    return {"aux_layers": head.aux_layers, "top1_agreement_by_step": agreement,
+            "acceptance_length": 1 + accepted / max(1, verifications), "verifications": verifications,
+            "accepted": accepted, "prompts": len(prompts), "losses": losses}
+
+
+@torch.no_grad()
+def eagle3_agreement(head: Eagle3Head, target_pass: TargetPass, ctx: Context) -> list[float]:
+    """Per draft step, the share of validation positions where the head's greedy token
+    equals the target's, the earlier drafts being right (teacher-forced)."""
+    same = None
+    count = 0
+    for ids in ctx.val_batches:
+        ids = ids.to(ctx.rt.device)
+        wanted = target_pass.logits(ids).argmax(-1)  # [B, steps, N]
+        drafted = head(*target_pass.inputs(ids), target_pass.steps).argmax(-1)
+        hits = (drafted == wanted).sum(dim=(0, 2))
+        same = hits if same is None else same + hits
+        count += wanted[:, 0].numel()
+    return [int(s) / count for s in same]
+
+
 STAGE_FUNCTIONS = {"teacher": stage_teacher, "supernet": stage_supernet, "placement": stage_placement,
                    "blocks": stage_blocks, "hardware": stage_hardware, "final": stage_final,
-                   "baselines": stage_baselines, "draft": stage_draft}
+                   "baselines": stage_baselines, "draft": stage_draft,
+                   "eagle3": stage_eagle3}
 assert tuple(STAGE_FUNCTIONS) == STAGE_NAMES

@@ -60,6 +60,12 @@ def running_llm(model: str, **kwargs):
         llm.llm_engine.engine_core.shutdown()
 
 
+def speculative_counters(llm) -> dict[str, float]:
+    """vLLM's speculative-decoding counters (drafts, draft_tokens, accepted_tokens)."""
+    return {m.name.removeprefix("vllm:spec_decode_num_"): m.value for m in llm.llm_engine.get_metrics()
+            if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+
+
 def greedy(max_tokens: int, **kwargs):
     from vllm import SamplingParams
 

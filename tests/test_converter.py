@@ -1,7 +1,7 @@
 """The PostNAS converter end to end on a tiny Qwen2 teacher (byte-level BPE tokenizer and
 a few training steps on standard-library source, seconds): every stage, the export
-loading in vLLM with greedy output equal to the reference model's, the draft with its
-`speculative_config.json`, exact resume after a simulated kill, a 2-process torchrun
+loading in vLLM with greedy output equal to the reference model's, the draft model and
+the EAGLE-3 head with their speculative configs, exact resume after a simulated kill, a 2-process torchrun
 stage, and the messages for bad input."""
 
 import json
@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import LM_EVAL_TASKS, as_inputs, greedy, lm_eval_with_vllm, running_llm, token_ids, write_lm_eval_tasks
+from conftest import (LM_EVAL_TASKS, as_inputs, greedy, lm_eval_with_vllm, running_llm, speculative_counters, token_ids,
+                      write_lm_eval_tasks)
 from vllm_jetnemotron.config import JetNemotronConfig
 from vllm_jetnemotron.converter import cli, demo_teacher
 from vllm_jetnemotron.converter.data import RetrievalTask, TrainingData, retrieval_set
@@ -82,7 +83,7 @@ def test_every_stage_and_the_report(converted):
     markdown = (converted / "report.md").read_text()
     assert "| converted |" in markdown and "Two layers kept as attention" in markdown
     assert "beyond both 95% intervals" in markdown or "The searched placement is the uniform one." in markdown
-    assert (converted / "tokenizer.json").is_file() and (converted / "draft" / "tokenizer.json").is_file()
+    assert all((converted / folder / "tokenizer.json").is_file() for folder in (".", "draft", "eagle3"))
     draft = JetNemotronConfig.from_pretrained(converted / "draft")
     assert draft.layer_types == ["attn"]
 
@@ -125,8 +126,62 @@ def test_vllm_greedy_equals_reference_model(converted, prompts, vllm_plain):
             assert out[0, len(prompt):].tolist() == vllm_tokens
 
 
-def test_draft_speculative_decoding_equals_plain_run(converted, prompts, vllm_plain):
+def test_eagle3_head_speculative_decoding_equals_plain_run(converted, prompts, vllm_plain):
+    """The converter's EAGLE-3 head in vLLM: greedy output equals the plain run, and vLLM
+    verifies and accepts exactly the drafts that the converter's simulation of its proposer
+    (`eagle3.speculative_greedy`: the PyTorch head on the reference model) does."""
+    from vllm_jetnemotron.converter.eagle3 import load_eagle3_folder, speculative_greedy
+    from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+
     speculative_config = json.loads((converted / "speculative_config.json").read_text())
+    assert speculative_config["method"] == "eagle3"
+    assert Path(speculative_config["model"]) == converted / "eagle3"
+    with running_llm(str(converted), speculative_config=speculative_config, disable_log_stats=False) as llm:
+        assert token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS))) == vllm_plain
+        counters = speculative_counters(llm)
+    target = JetNemotronForCausalLM.from_pretrained(converted, dtype=torch.float32).eval()
+    head = load_eagle3_folder(converted / "eagle3")
+    k = speculative_config["num_speculative_tokens"]
+    simulated = [speculative_greedy(target, head, prompt, NEW_TOKENS, k) for prompt in prompts]
+    assert [tokens for tokens, _, _ in simulated] == vllm_plain
+    assert counters["drafts"] == sum(v for _, v, _ in simulated)
+    assert counters["accepted_tokens"] == sum(a for _, _, a in simulated) > 0
+    report = json.loads((converted / "report.json").read_text())["eagle3"]
+    assert report["aux_layers"] == [1, 2, 3] and 1 <= report["acceptance_length"] <= 1 + k
+
+
+def test_eagle3_training_form_equals_the_proposer_steps():
+    """`Eagle3Head.forward` (all positions and draft steps at once, as trained) equals
+    the head run one draft at a time on its cache, as vLLM's proposer runs it."""
+    from vllm_jetnemotron.converter.eagle3 import Eagle3Head, aux_states
+    from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+    from vllm_jetnemotron.converter.random_checkpoint import preset_config
+
+    torch.manual_seed(0)
+    target = JetNemotronForCausalLM(preset_config("tiny")).float().eval()
+    head = Eagle3Head.for_target(target, [0, 2, 4], seed=1).eval()
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)  # far from the near-identity start
+        ids = torch.randint(0, target.config.vocab_size, (2, 24))
+        steps, n = 3, 23
+        _, aux = aux_states(target, ids, head.aux_layers)
+        embeds = target.model.embed_tokens(ids)
+        unrolled = head(embeds, aux, steps)  # [B, steps, 21, vocab]
+        prenorm, first_pass = head.midlayer(embeds[:, 1:], head.fc(aux[:, :n]), torch.arange(n), None, ())
+        for t in (0, 7, 20):
+            hidden, earlier = prenorm[:, t:t + 1], []
+            torch.testing.assert_close(unrolled[:, 0, t], head.logits(prenorm)[:, t])
+            for j in range(1, steps):
+                hidden, kv = head.midlayer(embeds[:, t + 1 + j:t + 2 + j], hidden, torch.tensor([t + j]),
+                                           tuple(x[:, :, :t + 1] for x in first_pass), tuple(earlier))
+                earlier.append(kv)
+                torch.testing.assert_close(unrolled[:, j, t], head.logits(hidden)[:, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_draft_speculative_decoding_equals_plain_run(converted, prompts, vllm_plain):
+    speculative_config = json.loads((converted / "speculative_config.draft_model.json").read_text())
     assert speculative_config["method"] == "draft_model"
     assert Path(speculative_config["model"]) == converted / "draft"
     with running_llm(str(converted), speculative_config=speculative_config) as llm:
@@ -143,7 +198,7 @@ def test_resume_after_kill_gives_the_same_weights(teacher, converted, tmp_path):
         assert not (tmp_path / "out").exists()
         assert stops < 10
     assert code == 0 and stops >= 3
-    for name in ("model.safetensors", "draft/model.safetensors"):
+    for name in ("model.safetensors", "draft/model.safetensors", "eagle3/model.safetensors"):
         resumed, reference = load_file(tmp_path / "out" / name), load_file(converted / name)
         assert resumed.keys() == reference.keys()
         for key in reference:

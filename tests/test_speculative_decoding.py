@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+from conftest import as_inputs, greedy, random_prompts, running_llm, speculative_counters, token_ids
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, preset_config
 
@@ -110,9 +110,7 @@ def without_speculation(target, prompts):
 def speculative_run(model, prompts, speculative_config):
     with running_llm(model, speculative_config=speculative_config, disable_log_stats=False) as llm:
         outputs = token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
-        counters = {m.name.removeprefix("vllm:spec_decode_num_"): m.value
-                    for m in llm.llm_engine.get_metrics()
-                    if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+        counters = speculative_counters(llm)
     return outputs, counters
 
 
