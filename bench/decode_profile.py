@@ -38,7 +38,6 @@ the many small ops of "rest"); the step time without the profiler is printed bes
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -250,7 +249,7 @@ def main(args) -> None:
                 continue
             results[kind] = r["results"]
             texts += r["texts"]
-    summary = [f"| model | context | step (ms, profiler) | step (ms, plain) | "
+    summary = ["| model | context | step (ms, profiler) | step (ms, plain) | "
                + " | ".join(GROUP_LABELS[g] for g in GROUPS) + " | REST (neither GEMM, attention nor recurrent core) |",
                "|---|---|" + "---:|" * (len(GROUPS) + 3)]
     for kind, per_len in results.items():

@@ -2,9 +2,9 @@
 
     python -m vllm_jetnemotron.converter.random_checkpoint OUT_DIR --preset tiny
 
-Presets: `tiny` (a few MB of layers, for tests), `small` (a few hundred MB, the default
-model of `make serve` until a converted one exists), `2b` and `4b` (the official
-architectures, full size). The folder gets `config.json`, `model.safetensors`,
+Presets: `tiny` (a few MB of layers, for tests), `small` (a few hundred MB;
+`make serve MODEL=models/random-small`), `2b` and `4b` (the official architectures, full
+size). The folder gets `config.json`, `model.safetensors`,
 `generation_config.json` and the Qwen2.5 tokenizer files; it is written to a temporary
 folder beside OUT_DIR and renamed at the end.
 """

@@ -347,7 +347,7 @@ def test_varlen_drafts_match_the_recurrence_per_sequence():
     from vllm_jetnemotron.kernels import fused_recurrent_gated_delta_rule_varlen, gated_delta_rule_gates
 
     gen = torch.Generator().manual_seed(13)
-    H, K, V, L = 2, 16, 32, 3
+    H, K, V = 2, 16, 32
     lengths, accepted = [3, 1, 2], torch.tensor([2, 1, 3])
     T = sum(lengths)
     q, k = (torch.randn(T, H, K, generator=gen) for _ in range(2))
