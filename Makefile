@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-# Default: the demo model `make demo-model` builds on first use (about 35 min here).
+# Default: the demo model `make demo-model` builds on first use (about 40 min here).
 MODEL ?= models/demo-jet-nemotron
 # Loopback only; HOST=0.0.0.0 serves other machines (then require an API key: README.md).
 HOST ?= 127.0.0.1
@@ -44,9 +44,9 @@ clean:
 
 # A real PostNAS run on this machine (no downloads): pretrain a small Qwen2 teacher with
 # its own BPE tokenizer on the Python standard library, half of each batch carrying
-# multi-query recall records (its induction heads form after about 2,300 steps at this
-# learning rate: held-out recall 0.7% at step 2,200, 47% at 2,400, 84% at 6,000), then
-# convert it. Cached in models/.
+# multi-query recall records (its induction heads form after 2,300 to 2,900 steps at this
+# learning rate, varying from run to run: converter/DEMO_RESULTS.md), then convert it, with
+# a draft model and an EAGLE-3 head. Cached in models/.
 DEMO_TEACHER := models/demo-teacher
 DEMO_MODEL := models/demo-jet-nemotron
 
