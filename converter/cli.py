@@ -29,6 +29,7 @@ import torch
 
 from .data import (DataError, RetrievalTask, TrainingData, read_user_eval, retrieval_set, tokenize_corpus,
                    validation_batches)
+from .eagle3 import aux_layers_problem, default_aux_layers
 from .lm_eval_tasks import check_lm_eval_tasks, lm_eval_scores
 from .pipeline import STAGE_NAMES, check_recipe_unchanged, file_digest, restart_from, stage_dir, tensors_digest
 from .recipe import STAGE_STEP_KEYS, RecipeError, build_recipe, read_recipe_file
@@ -103,6 +104,9 @@ def validate_inputs(recipe: dict) -> dict:
     if budget["attn"] + budget["swa"] > layers:
         raise RecipeError(f"budget asks for {budget['attn']} attn + {budget['swa']} swa layers but the teacher "
                           f"{recipe['teacher']} has only {layers} layers")
+    problem = aux_layers_problem(recipe["eagle3"]["aux_layers"] or default_aux_layers(layers), layers)
+    if problem:
+        raise RecipeError(f"eagle3.aux_layers {problem} for the teacher {recipe['teacher']}; set eagle3.aux_layers")
     if recipe["device"].startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"device {recipe['device']!r}: PyTorch sees no CUDA device here; use auto or cpu")
     if Path(recipe["out"]).exists():

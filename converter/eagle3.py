@@ -37,6 +37,14 @@ def default_aux_layers(num_layers: int) -> list[int]:
     return [1, num_layers // 2, num_layers - 1]
 
 
+def aux_layers_problem(aux_layers: list[int], num_layers: int) -> str | None:
+    """What is wrong with `aux_layers` for a target of `num_layers` layers, or None."""
+    if len(set(aux_layers)) != 3 or not all(0 <= i <= num_layers for i in aux_layers):
+        return (f"{aux_layers}: expected three distinct residual-stream indices in [0, {num_layers}] "
+                f"(0: the embeddings, {num_layers}: the last layer's output)")
+    return None
+
+
 class Eagle3Attention(nn.Module):
     """GQA attention with RoPE whose projections read [embedding, hidden] (2 x hidden)."""
 
@@ -128,10 +136,9 @@ class Eagle3Head(nn.Module):
         `JetNemotronForCausalLM`): weights normal(0, initializer_range), `fc` the identity
         on the deepest aux layer, `lm_head` the target's."""
         c = target.config
-        num_layers = c.num_hidden_layers
-        if len(set(aux_layers)) != 3 or not all(0 <= i <= num_layers for i in aux_layers):
-            raise ValueError(f"eagle3.aux_layers {aux_layers}: expected three distinct layer indices in "
-                             f"[0, {num_layers}] (0: the embeddings, {num_layers}: the last layer's output)")
+        problem = aux_layers_problem(aux_layers, c.num_hidden_layers)
+        if problem:
+            raise ValueError(f"aux_layers {problem}")
         config = {
             "architectures": ["LlamaForCausalLMEagle3"], "model_type": "llama",
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size, "num_hidden_layers": 1,

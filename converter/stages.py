@@ -520,14 +520,12 @@ def stage_eagle3(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) 
 def eagle3_agreement(head: Eagle3Head, target_pass: TargetPass, ctx: Context) -> list[float]:
     """Per draft step, the share of validation positions where the head's greedy token
     equals the target's, the earlier drafts being right (teacher-forced)."""
-    same = None
-    count = 0
+    same, count = torch.zeros(target_pass.steps, dtype=torch.long), 0
     for ids in ctx.val_batches:
         ids = ids.to(ctx.rt.device)
         wanted = target_pass.logits(ids).argmax(-1)  # [B, steps, N]
         drafted = head(*target_pass.inputs(ids), target_pass.steps).argmax(-1)
-        hits = (drafted == wanted).sum(dim=(0, 2))
-        same = hits if same is None else same + hits
+        same += (drafted == wanted).sum(dim=(0, 2)).cpu()
         count += wanted[:, 0].numel()
     return [int(s) / count for s in same]
 

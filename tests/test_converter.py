@@ -290,6 +290,8 @@ RECIPE_EDITS = {  # dotted key -> value written into the recipe file
     "retrieval_too_long": ("retrieval.pairs", 20),
     "retrieval_queries": ("retrieval.queries", 3),
     "retrieval_share": ("retrieval.train_share", 1.5),
+    "aux_layers_repeated": ("eagle3.aux_layers", [1, 1, 2]),
+    "aux_layers_deep": ("eagle3.aux_layers", [1, 2, 5]),
 }
 
 
@@ -340,6 +342,8 @@ def _edited_recipe(tmp_path, key, value) -> str:
     ("retrieval_too_long", "seq_len 64 is too short for 20 retrieval records of 6 tokens"),
     ("retrieval_queries", "retrieval queries (3) cannot exceed pairs (2)"),
     ("retrieval_share", "recipe key retrieval.train_share = 1.5: Input should be less than or equal to 1"),
+    ("aux_layers_repeated", "recipe key eagle3.aux_layers = [1, 1, 2]: expected three distinct layer indices"),
+    ("aux_layers_deep", "eagle3.aux_layers [1, 2, 5]: expected three distinct residual-stream indices in [0, 4]"),
     ("yaml_syntax", "recipe.yaml: YAML syntax error at line 2, column"),
     ("unknown_lm_eval_task", "eval.lm_eval_tasks: ['no_such_task'] not found among lm-eval's tasks"),
 ])
