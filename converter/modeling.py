@@ -284,13 +284,14 @@ class JetNemotronModel(JetNemotronPreTrainedModel):
         start = cache.num_tokens if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.embed_tokens(input_ids)
-        stream = [x]
+        stream = [x] if output_hidden_states else None
         for layer in self.layers:
             x = layer(x, positions, cache)
-            stream.append(x)
+            if stream is not None:
+                stream.append(x)
         if cache is not None:
             cache.num_tokens += input_ids.shape[1]
-        return self.norm(x), tuple(stream) if output_hidden_states else None
+        return self.norm(x), tuple(stream) if stream is not None else None
 
 
 class JetNemotronForCausalLM(JetNemotronPreTrainedModel, GenerationMixin):
