@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .modeling import JetNemotronMLP, RMSNorm, apply_rotary, rotary_cos_sin
+from .modeling import JetNemotronMLP, RMSNorm, rotary_qkv
 
 KeysValues = tuple[torch.Tensor, torch.Tensor]  # each [B, kv_heads, N, head_dim]
 
@@ -65,12 +65,7 @@ class Eagle3Attention(nn.Module):
         draft step: it attends to the first pass's keys up to its position (the last N are
         the queries' positions) and to the keys `earlier_steps` and itself wrote there."""
         B, N, _ = x.shape
-        # [B, N, heads * head_dim] -> [B, heads, N, head_dim]
-        q = self.q_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = rotary_qkv(self, x, positions)  # [B, heads or kv_heads, N, head_dim]
         groups = self.num_heads // self.num_kv_heads
 
         def all_heads(t: torch.Tensor) -> torch.Tensor:  # [B, kv_heads, M, D] -> [B, heads, M, D]
@@ -220,13 +215,10 @@ def speculative_greedy(target: nn.Module, head: Eagle3Head, prompt: list[int], n
     """Greedy speculative decoding of `new_tokens` after `prompt` as vLLM runs it with this
     head and `steps` drafts per verification: (the tokens, verifications, accepted drafts)."""
     device = next(target.parameters()).device
-    out = target(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    sequence = list(prompt)
-    for _ in range(new_tokens + steps):  # the greedy continuation, and the drafts' last targets
-        sequence.append(int(out.logits[0, -1].argmax()))
-        out = target(input_ids=torch.tensor([[sequence[-1]]], device=device), past_key_values=out.past_key_values,
-                     use_cache=True)
-    ids = torch.tensor([sequence], device=device)
+    extra = new_tokens + steps  # the greedy continuation, and the last drafts' targets
+    ids = target.generate(torch.tensor([prompt], device=device), max_new_tokens=extra, min_new_tokens=extra,
+                          do_sample=False)
+    sequence = ids[0].tolist()
     _, aux = aux_states(target, ids, head.aux_layers)
     embed = target.model.embed_tokens
     n = len(sequence) - 1

@@ -68,6 +68,20 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def rotary_qkv(attention: nn.Module, x: torch.Tensor, positions: torch.Tensor):
+    """q, k, v `[B, heads (kv_heads for k, v), T, head_dim]` of an attention module with
+    `q_proj`/`k_proj`/`v_proj`, `num_heads`, `num_kv_heads`, `head_dim` and `rope_theta`,
+    RoPE applied to q and k at `positions` `[T]`."""
+    B, T, _ = x.shape
+    heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+    # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
+    q = attention.q_proj(x).view(B, T, heads, head_dim).transpose(1, 2)
+    k = attention.k_proj(x).view(B, T, kv_heads, head_dim).transpose(1, 2)
+    v = attention.v_proj(x).view(B, T, kv_heads, head_dim).transpose(1, 2)
+    cos, sin = rotary_cos_sin(positions, head_dim, attention.rope_theta, q.dtype)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
 class JetNemotronAttention(nn.Module):
     """Causal GQA attention with RoPE; `window` limits each query to its last
     `window` keys (itself included) for `swa` layers."""
@@ -88,12 +102,7 @@ class JetNemotronAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: JetNemotronCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        # [B, T, heads * head_dim] -> [B, heads, T, head_dim]
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_theta, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = rotary_qkv(self, x, positions)
         if cache is not None:
             if self.layer_idx in cache.keys:
                 k = torch.cat([cache.keys[self.layer_idx], k], dim=2)
