@@ -6,10 +6,12 @@ checkpoint, which vLLM serves with its quantized kernels (no flag needed).
 
 Schemes (compressed-tensors presets): `w8a8` = INT8_W8A8 (int8 weights, one symmetric
 scale per output channel; int8 activations with a dynamic per-token scale), `w4a16` =
-W4A16 (int4 weights, one symmetric scale per group of `--group-size` input features,
-default 128; activations stay in the checkpoint's dtype). Every nn.Linear of the decoder
-layers but the JetBlock gates `b_proj`/`a_proj` (and any layer with a dimension that is not
-a multiple of 32, see KERNEL_TILE) is quantized with round-to-nearest; those, embeddings, `lm_head`, norms, `A_log`, `dt_bias` and biases are copied unchanged. Scales come from each weight's range
+W4A16 (int4 weights, one symmetric scale per group of `--group-size` input features: 32,
+64 or 128 (the default), the sizes vLLM's CUDA kernel takes; activations stay in the
+checkpoint's dtype). Every nn.Linear of the decoder layers but the JetBlock gates
+`b_proj`/`a_proj` (and any layer with a dimension that is not a multiple of 32, see
+KERNEL_TILE) is quantized with round-to-nearest; those, embeddings, `lm_head`, norms,
+`A_log`, `dt_bias` and biases are copied unchanged. Scales come from each weight's range
 (compressed-tensors' `calculate_qparams`, what its `memoryless_minmax` observer
 computes), so no calibration data is needed. compressed-tensors applies the scheme,
 quantizes and packs the weights, and writes `quantization_config` into config.json.
@@ -61,6 +63,12 @@ IGNORE = ["lm_head", r"re:.*\.b_proj$", r"re:.*\.a_proj$"]
 # admits 16 and the load then fails). Other layers (a small model's filter generator) stay
 # in the checkpoint's dtype.
 KERNEL_TILE = 32
+# On CUDA the multiples of 32 also give vLLM's int8 kernel (CUTLASS) the 16-element alignment
+# it needs, and its 4-bit kernel (Marlin) pads misaligned tiles itself (vLLM 0.32), but Marlin
+# takes only these w4a16 group sizes (`MARLIN_SUPPORTED_GROUP_SIZES`, besides -1 = per
+# channel); the CPU kernel takes any even one. Other sizes would make a checkpoint that only
+# a CPU can serve.
+GROUP_SIZES = (32, 64, 128)
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth")
 
 
@@ -76,8 +84,10 @@ def quantization_config(scheme: str, group_size: int | None = None) -> Quantizat
     if group_size is not None:
         if quant_scheme.weights.strategy != QuantizationStrategy.GROUP:
             raise QuantizeError(f"--group-size applies to grouped schemes (w4a16), not {scheme}")
-        if group_size < 1:
-            raise QuantizeError(f"--group-size must be a positive integer, got {group_size}")
+        if group_size not in GROUP_SIZES:
+            raise QuantizeError(f"--group-size {group_size}: vLLM's CUDA kernel for 4-bit weights (Marlin) "
+                                f"takes groups of {', '.join(map(str, GROUP_SIZES[:-1]))} or {GROUP_SIZES[-1]} "
+                                "input features")
         quant_scheme.weights = QuantizationArgs.model_validate(
             {**quant_scheme.weights.model_dump(), "group_size": group_size})
     return QuantizationConfig(config_groups={"group_0": quant_scheme}, ignore=IGNORE)
@@ -208,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint", help="Jet-Nemotron checkpoint folder (official format, unquantized)")
     p.add_argument("out", help="output folder (must not exist)")
     p.add_argument("--scheme", required=True, help=f"one of {', '.join(SCHEMES)}")
-    p.add_argument("--group-size", type=int, help="input features per scale for w4a16 (default 128)")
+    p.add_argument("--group-size", type=int,
+                   help=f"input features per scale for w4a16: {', '.join(map(str, GROUP_SIZES))} (default 128)")
     args = p.parse_args(argv)
     try:
         out = quantize_checkpoint(args.checkpoint, args.out, args.scheme, args.group_size)

@@ -26,7 +26,8 @@ KV_BYTES = 256 << 20
 # cores (TP=2, PP=2) set their own binding.
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(int(_XDIST_WORKER[2:]) % (os.cpu_count() or 1))
+    _CPUS = sorted(os.sched_getaffinity(0))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_CPUS[int(_XDIST_WORKER[2:]) % len(_CPUS)])
 
 
 @pytest.fixture(scope="session")

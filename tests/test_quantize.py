@@ -154,11 +154,15 @@ def test_group_size_option(checkpoint, tmp_path):
         assert f.get_slice("model.layers.0.mlp.down_proj.weight_scale").get_shape() == [256, 512 // 64]
 
 
-def test_group_must_divide_in_features(checkpoint, tmp_path):
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: in_features 256 is not a "
-                                         r"multiple of the group size 96 \(and \d+ more layers\)"):
-        quantize_checkpoint(checkpoint, tmp_path / "out", "w4a16", group_size=96)
-    assert list(tmp_path.iterdir()) == []
+def test_group_must_divide_in_features(tmp_path):
+    """An MLP of 480 (a multiple of the kernels' 32, not of a group of 128): refused, naming
+    the first down_proj; nothing written."""
+    source = write_random_checkpoint(tmp_path / "source", preset_config("small", **{**CONFIG, "intermediate_size": 480}),
+                                     seed=0, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.down_proj: in_features 480 is not a "
+                                         r"multiple of the group size 128 \(and 2 more layers\)"):
+        quantize_checkpoint(source, tmp_path / "out", "w4a16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
 def _without_tensor(src: Path, dst: Path, name: str) -> None:
@@ -173,6 +177,8 @@ def _without_tensor(src: Path, dst: Path, name: str) -> None:
 @pytest.mark.parametrize("case, message", [
     ("unknown_scheme", "unknown scheme 'w3a16'; expected one of w8a8, w4a16"),
     ("group_size_w8a8", "--group-size applies to grouped schemes (w4a16), not w8a8"),
+    ("group_size_cpu_only", "--group-size 96: vLLM's CUDA kernel for 4-bit weights (Marlin) takes groups of "
+                            "32, 64 or 128 input features"),
     ("missing_folder", "does not exist"),
     ("no_config", "is not a Jet-Nemotron checkpoint: no config.json"),
     ("other_model", "has model_type 'qwen2', expected 'jet_nemotron'"),
@@ -184,9 +190,11 @@ def _without_tensor(src: Path, dst: Path, name: str) -> None:
 def test_bad_input_stops_with_a_message(checkpoint, quantized, tmp_path, capsys, case, message):
     """Exit status 2 and one line naming the problem; nothing written."""
     src, out, extra = checkpoint, tmp_path / "out", []
-    scheme = "w3a16" if case == "unknown_scheme" else "w8a8"
+    scheme = {"unknown_scheme": "w3a16", "group_size_cpu_only": "w4a16"}.get(case, "w8a8")
     if case == "group_size_w8a8":
         extra = ["--group-size", "64"]
+    elif case == "group_size_cpu_only":
+        extra = ["--group-size", "96"]
     elif case == "missing_folder":
         src = tmp_path / "nowhere"
     elif case in ("no_config", "other_model", "bad_config"):

@@ -11,7 +11,7 @@ import torch
 from conftest import as_inputs, greedy, random_prompts, running_llm, serving, token_ids
 from test_quantize import CONFIG
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
-from vllm_jetnemotron.converter.quantize import dequantized_state_dict, quantize_checkpoint
+from vllm_jetnemotron.converter.quantize import GROUP_SIZES, KERNEL_TILE, dequantized_state_dict, quantize_checkpoint
 from vllm_jetnemotron.converter.random_checkpoint import preset_config, write_random_checkpoint
 
 SCHEMES = ("w8a8", "w4a16")
@@ -135,3 +135,29 @@ def test_layers_too_narrow_for_the_kernels_stay_unquantized_and_load(tmp_path, s
         (output,) = llm.generate(as_inputs([prompt]), greedy(1, logprobs=TOP_LOGITS))
     top = output.outputs[0].logprobs[0]
     assert max(abs(top[t].logprob - float(expected[t])) for t in top) < LOGIT_ATOL
+
+
+def test_the_quantizers_sizes_are_the_ones_vllms_kernels_take():
+    """The w4a16 group sizes the quantizer writes are those of vLLM's CUDA 4-bit kernel
+    (Marlin, which pads misaligned tiles itself); vLLM's CPU 4-bit kernel, asked here on
+    this CPU, takes each of them, and layers whose sizes are multiples of KERNEL_TILE
+    (what the quantizer quantizes) and no finer."""
+    from vllm.model_executor.kernels.linear.mixed_precision.cpu import CPUWNA16LinearKernel
+    from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import MPLinearLayerConfig
+    from vllm.model_executor.layers.quantization.utils.marlin_utils import MARLIN_SUPPORTED_GROUP_SIZES
+    from vllm.scalar_type import scalar_types
+
+    assert set(GROUP_SIZES) == set(MARLIN_SUPPORTED_GROUP_SIZES) - {-1}
+
+    def cpu_kernel_takes(in_features: int, out_features: int, group_size: int) -> bool:
+        shape = (in_features, out_features)
+        config = MPLinearLayerConfig(full_weight_shape=shape, partition_weight_shape=shape,
+                                     weight_type=scalar_types.uint4b8, act_type=torch.bfloat16,
+                                     group_size=group_size, zero_points=False)
+        return CPUWNA16LinearKernel.can_implement(config)[0]
+
+    assert all(cpu_kernel_takes(max(GROUP_SIZES), KERNEL_TILE, g) for g in GROUP_SIZES)
+    assert cpu_kernel_takes(KERNEL_TILE, KERNEL_TILE, GROUP_SIZES[0])
+    assert not cpu_kernel_takes(KERNEL_TILE, KERNEL_TILE // 2, GROUP_SIZES[0])
+    assert not cpu_kernel_takes(KERNEL_TILE // 2, KERNEL_TILE, GROUP_SIZES[0])
+
