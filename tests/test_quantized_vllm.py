@@ -160,4 +160,3 @@ def test_the_quantizers_sizes_are_the_ones_vllms_kernels_take():
     assert cpu_kernel_takes(KERNEL_TILE, KERNEL_TILE, GROUP_SIZES[0])
     assert not cpu_kernel_takes(KERNEL_TILE, KERNEL_TILE // 2, GROUP_SIZES[0])
     assert not cpu_kernel_takes(KERNEL_TILE // 2, KERNEL_TILE, GROUP_SIZES[0])
-
