@@ -240,7 +240,7 @@ def chunk_vs_definition(device, H, K, V, lengths, dtype, slots, has_state, num_s
 def recurrent_vs_definition(device, N, L, H, K, V, dtype, spec=False, gates=False, pad=True, seed=0) -> dict:
     """Triton decode / speculative steps (optionally from the raw gates), states in a pool."""
     from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent as tr
-    from vllm_jetnemotron.kernels.gated_delta_rule.fused_recurrent import gated_delta_rule_gates
+    from vllm_jetnemotron.kernels.gated_delta_rule.gate import gated_delta_rule_gates
 
     gen = generator(seed)
     q, k, v, g, beta = gdn_inputs((N, L), H, K, V, dtype, gen, device)
@@ -499,7 +499,7 @@ def recurrent_vs_fla(fla, device, N, L, H, K, V, dtype, spec=False, gates=False,
     everywhere (rows of no real sequence unchanged on both sides). `pool_dtype`: the
     states' dtype (vLLM keeps them in the model dtype unless told float32)."""
     from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent as tr
-    from vllm_jetnemotron.kernels.gated_delta_rule.fused_recurrent import gated_delta_rule_gates
+    from vllm_jetnemotron.kernels.gated_delta_rule.gate import gated_delta_rule_gates
 
     gen = generator(seed)
     q, k, v, g, beta = gdn_inputs((N, L), H, K, V, dtype, gen, device)

@@ -72,7 +72,7 @@ def gdn_inputs(shape: tuple, H: int, K: int, V: int, device, seed: int):
 
 
 def bench_prefill(device, rounds: int, time_call, B: int = 4, L: int = 2048, H: int = 12) -> list[dict]:
-    from vllm_jetnemotron.kernels.gated_delta_rule import chunk as pytorch_chunk
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu as pytorch_gdr
     from vllm_jetnemotron.kernels.gated_delta_rule import triton_chunk
     from vllm_jetnemotron.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
@@ -87,7 +87,7 @@ def bench_prefill(device, rounds: int, time_call, B: int = 4, L: int = 2048, H: 
         qb, kb, vb, gb, bb = (x.view(B, L, *x.shape[1:]) for x in (q, k, v, g, beta))
         ms = side_by_side({
             "triton": lambda: triton_chunk.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, slots, fresh),
-            "pytorch": lambda: pytorch_chunk.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, slots, fresh),
+            "pytorch": lambda: pytorch_gdr.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, slots, fresh),
             "token_loop": lambda: naive_recurrent_gated_delta_rule(qb, kb, vb, gb, bb, output_final_state=True),
         }, rounds, time_call)
         rows.append(dict(kernel=f"chunked prefill, {B} x {L} tokens, {H} heads, K = {K}, V = {V}, bf16", **ms))
@@ -95,7 +95,7 @@ def bench_prefill(device, rounds: int, time_call, B: int = 4, L: int = 2048, H: 
 
 
 def bench_decode(device, rounds: int, time_call, N: int = 64, H: int = 12, K: int = 96, V: int = 256) -> list[dict]:
-    from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent as pytorch_recurrent
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu as pytorch_gdr
     from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent
 
     q, k, v, _, _ = gdn_inputs((N, 1), H, K, V, device, seed=0)
@@ -108,7 +108,7 @@ def bench_decode(device, rounds: int, time_call, N: int = 64, H: int = 12, K: in
     args = (q, k, v, a, b, A_log, dt_bias, pool, slots)
     ms = side_by_side({
         "triton": lambda: triton_fused_recurrent.fused_recurrent_gated_delta_rule_from_gates(*args),
-        "pytorch": lambda: pytorch_recurrent.fused_recurrent_gated_delta_rule_from_gates(*args),
+        "pytorch": lambda: pytorch_gdr.fused_recurrent_gated_delta_rule_from_gates(*args),
     }, rounds, time_call)
     return [dict(kernel=f"decode step from the gates, batch {N}, {H} heads, K = {K}, V = {V}, bf16", **ms)]
 

@@ -18,13 +18,13 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from vllm_jetnemotron.config import JetNemotronConfig
-from vllm_jetnemotron.kernels.gated_delta_rule.chunk import chunked_gated_delta_rule_sequence
 from vllm_jetnemotron.kernels import (
     dynamic_causal_conv_naive,
+    gated_delta_rule_gates,
     gated_rmsnorm_naive,
     naive_recurrent_gated_delta_rule,
 )
-from vllm_jetnemotron.kernels.gated_delta_rule.naive import l2_normalize
+from vllm_jetnemotron.kernels.gated_delta_rule.naive import chunked_gated_delta_rule
 
 
 @dataclass
@@ -119,29 +119,18 @@ class JetNemotronAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def chunked_gated_delta_rule_for_training(q, k, v, g, beta, chunk_size: int = 64) -> torch.Tensor:
+def chunked_gated_delta_rule_for_training(q, k, v, g, beta) -> torch.Tensor:
     """Differentiable gated delta rule from zero states, for training (the converter).
 
     q, k `[B, T, H, K]`, v `[B, T, H, V]`, g, beta `[B, T, H]`; returns o `[B, T, H, V]`
     in v's dtype, equal to `naive_recurrent_gated_delta_rule` up to float rounding. CUDA
     tensors use the Triton forward with PyTorch backward; elsewhere the chunked PyTorch
-    formulation (`chunked_gated_delta_rule_sequence`) runs under autograd."""
-    if q.is_cuda:
-        from vllm_jetnemotron.kernels import chunk_gated_delta_rule_autograd
+    form (`chunked_gated_delta_rule`) runs under autograd."""
+    if q.is_cuda:  # triton is imported only here
+        from vllm_jetnemotron.kernels.gated_delta_rule.triton_chunk_autograd import chunk_gated_delta_rule_autograd
 
-        return chunk_gated_delta_rule_autograd(q, k, v, g, beta, chunk_size=chunk_size)[0]
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    q, k = l2_normalize(q.float()), l2_normalize(k.float())
-    q = q * K**-0.5
-
-    def fold(x):  # [B, T, H, ...] -> [T, B * H, ...]: sequences become extra heads
-        return x.float().transpose(0, 1).reshape(T, B * H, *x.shape[3:])
-
-    o, _ = chunked_gated_delta_rule_sequence(fold(q), fold(k), fold(v), fold(g), fold(beta),
-                           q.new_zeros(B * H, K, V), chunk_size)
-    # [T, B * H, V] -> [B, T, H, V]
-    return o.view(T, B, H, V).transpose(0, 1).to(v.dtype)
+        return chunk_gated_delta_rule_autograd(q, k, v, g, beta)[0]
+    return chunked_gated_delta_rule(q, k, v, g, beta)[0].to(v.dtype)
 
 
 class KernelGenerator(nn.Module):
@@ -196,13 +185,21 @@ class JetBlock(nn.Module):
         self.dynamic_conv1d = DynamicConv1d(hidden, d.generator_dim, d.value_dim, d.conv_size)
         self.o_norm = RMSNorm(d.head_v_dim, d.norm_eps)
 
+    @torch.no_grad()
+    def init_gate_parameters(self) -> None:
+        """Decay rates A in [1, 16] and time steps dt in [1e-3, 1e-1], log-uniform, stored
+        as log(A) and softplus^-1(dt) (the Mamba-2 / GDN initialisation)."""
+        H = self.num_heads
+        self.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: JetNemotronCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, V = self.num_heads, self.head_k_dim, self.head_v_dim
         q = F.silu(self.q_proj(x)).view(B, T, H, K)
         k = F.silu(self.k_proj(x)).view(B, T, H, K)
-        beta = self.b_proj(x).float().sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g, beta = gated_delta_rule_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         conv_state = cache.conv_states.get(self.layer_idx) if cache is not None else None
         v, conv_state = self.dynamic_conv1d(x, self.v_proj(x), conv_state)
         if self.chunked_training and cache is None:
@@ -268,12 +265,7 @@ class JetNemotronPreTrainedModel(PreTrainedModel):
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
         elif isinstance(module, JetBlock):
-            # Decay rates A in [1, 16] and time steps dt in [1e-3, 1e-1], log-uniform,
-            # stored as log(A) and softplus^-1(dt) (the Mamba-2 / GDN initialisation).
-            H = module.num_heads
-            module.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
-            dt = torch.exp(torch.rand(H) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-            module.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            module.init_gate_parameters()
 
 
 class JetNemotronModel(JetNemotronPreTrainedModel):

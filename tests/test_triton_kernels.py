@@ -38,8 +38,8 @@ from vllm_jetnemotron.kernels import dispatch  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv import cpu as conv_cpu  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv import triton_conv, triton_conv_autograd  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive  # noqa: E402
-from vllm_jetnemotron.kernels.gated_delta_rule import chunk as chunk_cpu  # noqa: E402
-from vllm_jetnemotron.kernels.gated_delta_rule import fused_recurrent as recurrent_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule import cpu as gdr_cpu  # noqa: E402
+from vllm_jetnemotron.kernels.gated_delta_rule.gate import gated_delta_rule_gates  # noqa: E402
 from vllm_jetnemotron.kernels.gated_delta_rule import (  # noqa: E402
     triton_chunk,
     triton_chunk_autograd,
@@ -143,24 +143,21 @@ def state_pool(num_slots, K, V, dtype, gen, strided=False):
 # ----- chunked gated delta rule (prefill) ------------------------------------------------
 
 
-def check_chunk(K, V, dtype, with_initial_state, chunk_size=64, strided=False, scale=None, use_qk_l2norm=True):
+def check_chunk(K, V, dtype, with_initial_state, chunk_size=64, strided=False):
     gen = torch.Generator().manual_seed(K * 1000 + V)
     cu = packed(SEQ_LENS)
     q, k, v, g, beta = gdn_inputs((int(cu[-1]),), K, V, dtype, gen)
-    if not use_qk_l2norm:  # keep the recurrence stable (beta |k|^2 < 2) without the kernel's norm
-        q, k = F.normalize(q.float(), dim=-1).to(dtype), F.normalize(k.float(), dim=-1).to(dtype)
     pool = state_pool(NUM_SLOTS, K, V, dtype, gen, strided)
     before = pool.clone()
     has = torch.tensor(HAS_STATE if with_initial_state else [False] * len(SEQ_LENS))
     o = triton_chunk.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, torch.tensor(SLOTS, dtype=torch.int32),
-                                            has, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+                                            has, chunk_size=chunk_size)
     assert o.dtype == v.dtype and o.shape == v.shape
     for i, slot in enumerate(SLOTS):
         s, e = int(cu[i]), int(cu[i + 1])
         o_ref, state_ref = naive_recurrent_gated_delta_rule(
-            q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e], scale=scale,
-            initial_state=before[slot][None] if has[i] else None, output_final_state=True,
-            use_qk_l2norm=use_qk_l2norm)
+            q[None, s:e], k[None, s:e], v[None, s:e], g[None, s:e], beta[None, s:e],
+            initial_state=before[slot][None] if has[i] else None, output_final_state=True)
         assert_close(o[s:e], o_ref[0], dtype, f"o of sequence {i} (length {e - s})")
         assert_close(pool[slot], state_ref[0], dtype, f"final state of sequence {i} (length {e - s})")
     untouched = [j for j in range(NUM_SLOTS) if j not in SLOTS]
@@ -180,9 +177,8 @@ def test_chunk_gated_delta_rule_official_head_dims():
 
 
 def test_chunk_gated_delta_rule_options():
-    # 16-token chunks (130 tokens: 9 chunks), a strided pool, no L2 norm with a custom scale
+    # 16-token chunks (130 tokens: 9 chunks), a strided pool
     check_chunk(16, 32, torch.float32, True, chunk_size=16, strided=True)
-    check_chunk(16, 32, torch.float32, True, use_qk_l2norm=False, scale=0.05)
 
 
 # ----- recurrent gated delta rule (decode) -----------------------------------------------
@@ -235,7 +231,7 @@ def test_fused_recurrent_spec_decode_matches_naive(dtype, accepted):
     pool = state_pool(N * L + 3, K, V, dtype, gen)
     o_ref, states_ref = naive_per_token_states(q, k, v, g, beta, pool[read])
     for name, impl in [("triton", triton_recurrent.fused_recurrent_gated_delta_rule),
-                       ("reference", recurrent_cpu.fused_recurrent_gated_delta_rule)]:
+                       ("reference", gdr_cpu.fused_recurrent_gated_delta_rule)]:
         p = pool.clone()
         o = impl(q, k, v, g, beta, p, slots, num_accepted_tokens=num_accepted)
         assert_close(o, o_ref, dtype, f"{name} o")
@@ -252,7 +248,7 @@ def test_fused_recurrent_from_gates_matches_naive(dtype):
     b = torch.randn(N, L, H, generator=gen).to(dtype)
     A_log = torch.empty(H).uniform_(1, 16, generator=gen).log()
     dt_bias = torch.randn(H, generator=gen)
-    g, beta = recurrent_cpu.gated_delta_rule_gates(a, b, A_log, dt_bias)
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
     pool = state_pool(NUM_SLOTS, K, V, dtype, gen)
     before = pool.clone()
     slots = torch.tensor([3, 8, 0])
@@ -262,7 +258,7 @@ def test_fused_recurrent_from_gates_matches_naive(dtype):
     assert_close(o, o_ref, dtype, "o")
     assert_close(pool[slots], state_ref, dtype, "states")
     p = before.clone()
-    o_cpu = recurrent_cpu.fused_recurrent_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, p, slots)
+    o_cpu = gdr_cpu.fused_recurrent_gated_delta_rule_from_gates(q, k, v, a, b, A_log, dt_bias, p, slots)
     assert_close(o_cpu, o_ref, dtype, "reference o")
 
 
@@ -506,7 +502,7 @@ def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
     pool = state_pool(3, K, V, torch.float32, gen)
     p1, p2 = pool.clone(), pool.clone()
     assert torch.equal(dispatch.chunk_gated_delta_rule(q, k, v, g, beta, cu, p1, slots, has),
-                       chunk_cpu.chunk_gated_delta_rule(q, k, v, g, beta, cu, p2, slots, has))
+                       gdr_cpu.chunk_gated_delta_rule(q, k, v, g, beta, cu, p2, slots, has))
     assert torch.equal(p1, p2)
 
     # one sequence of 3 draft tokens: [9, ...] -> [1, 3, ...]
@@ -515,7 +511,7 @@ def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
     p1, p2 = pool.clone(), pool.clone()
     assert torch.equal(
         dispatch.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p1, token_slots, num_accepted_tokens=n_acc),
-        recurrent_cpu.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p2, token_slots, num_accepted_tokens=n_acc))
+        gdr_cpu.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p2, token_slots, num_accepted_tokens=n_acc))
     assert torch.equal(p1, p2)
 
     x, kernels = torch.randn(9, D, generator=gen), torch.randn(9, D, W, generator=gen)

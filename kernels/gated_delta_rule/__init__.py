@@ -1,9 +1,10 @@
 """Gated delta rule: S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,
 o_t = S_t^T (q_t * scale), with L2-normalised q and k.
 
-`naive.py` is the definition; the implementations vLLM runs (`chunk.py` and
-`fused_recurrent.py` on the CPU, `triton_*.py` on GPUs) are reached through
-`kernels.dispatch`, the one place that chooses between them.
+`naive.py` is the definition (and the chunked form the converter trains with), `gate.py`
+the gates from the raw projections; the implementations vLLM runs (`cpu.py` on the CPU,
+`triton_*.py` on GPUs) are reached through `kernels.dispatch`, the one place that chooses
+between them.
 """
 
 from .naive import naive_recurrent_gated_delta_rule

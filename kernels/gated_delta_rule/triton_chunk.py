@@ -1,9 +1,9 @@
-"""Chunked gated delta rule for prefill on the GPU (Triton), mirroring `chunk.chunk_gated_delta_rule`.
+"""Chunked gated delta rule for prefill on the GPU (Triton), mirroring `cpu.chunk_gated_delta_rule`.
 
 One program per (V-block, head, sequence) walks its sequence in chunks of BT tokens,
 keeping the state tile `S [BK, BV]` (float32) in registers. Within a chunk with
 cumulative log-decay G (gamma = exp(G)), the delta-rule writes U solve the unit
-lower-triangular system of the WY form (see chunk.py):
+lower-triangular system of the WY form (see naive.py):
 
     T  = (I + A)^-1,   A[s, r] = beta_s exp(G_s - G_r) k_s.k_r   (r < s)
     U  = T (beta * V) - T (beta * gamma * K) S
@@ -47,7 +47,6 @@ def chunk_gated_delta_rule_fwd_kernel(
     BT: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     i_v, i_h, i_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -86,10 +85,9 @@ def chunk_gated_delta_rule_fwd_kernel(
         b_v = tl.load(v + (pos[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_g = tl.load(g + pos * H + i_h, mask=m_t, other=0.0).to(tl.float32)
         b_beta = tl.load(beta + pos * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        if USE_QK_L2NORM:
-            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, axis=1)), 1e-6)[:, None]
-            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, axis=1)), 1e-6)[:, None]
-        b_q = b_q * scale
+        b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q, axis=1)), 1e-6)[:, None]
+        b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k, axis=1)), 1e-6)[:, None]
+        b_q = b_q * scale  # K**-0.5
 
         b_G = tl.cumsum(b_g, axis=0)  # [BT]
         b_G_last = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # padding adds 0
@@ -139,8 +137,6 @@ def chunk_gated_delta_rule(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     chunk_size: int = 64,
 ) -> torch.Tensor:
     """Varlen chunked gated delta rule reading and writing states in a pool (Triton).
@@ -153,7 +149,6 @@ def chunk_gated_delta_rule(
             starts from `state_pool[state_indices[i]]` if `has_initial_state[i]` (else
             zeros) and its final state is written back there. A negative slot (vLLM's
             PAD_SLOT_ID) is neither read nor written.
-        scale: multiplies q after the L2 norm; defaults to `K ** -0.5`.
         chunk_size: tokens per chunk BT, a power of 2 >= 16.
     Returns:
         o `[T, H, V]` in v's dtype (float32 accumulation).
@@ -170,7 +165,6 @@ def chunk_gated_delta_rule(
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_gated_delta_rule: chunk_size must be a power of 2 >= 16, got {chunk_size}")
     N = state_indices.shape[0]
-    scale = K**-0.5 if scale is None else scale
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     o = torch.empty_like(v)
     if N == 0:
@@ -182,8 +176,8 @@ def chunk_gated_delta_rule(
         cu_seqlens.contiguous(), state_pool, state_indices.contiguous(),
         has_initial_state.to(torch.int32),
         *state_pool.stride(),
-        float(scale),
+        K**-0.5,
         H=H, K=K, V=V, BT=chunk_size, BK=BK, BV=BV,
-        USE_QK_L2NORM=use_qk_l2norm, DOT_PRECISION=DOT_PRECISION,
+        DOT_PRECISION=DOT_PRECISION,
     )
     return o

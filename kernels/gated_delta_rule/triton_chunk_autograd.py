@@ -5,8 +5,8 @@ Forward: the Triton prefill kernel of triton_chunk.py (initial states as a pool 
 slots, final states written to a fresh float32 tensor).
 
 Backward: PyTorch, not Triton. It recomputes the forward with the differentiable
-chunked formulation of chunk.py (`chunked_gated_delta_rule_sequence`: batched triangular solves per chunk,
-sequential state hand-over between chunks; L2 norm and scale before it) under autograd
+chunked formulation of naive.py (`chunked_gated_delta_rule`: batched triangular solves per chunk,
+sequential state hand-over between chunks) under autograd
 and back-propagates through it. Correct on any device, at the memory of the PyTorch
 chunked graph (per-chunk [C, C] and [C, K/V] tensors plus one [H, K, V] state per chunk)
 and the speed of cuBLAS batched matmuls; a Triton chunked backward (as in
@@ -15,41 +15,29 @@ flash-linear-attention) would replace `_recompute` without changing the interfac
 
 import torch
 
-from .chunk import chunked_gated_delta_rule_sequence
-from .naive import l2_normalize
+from .naive import chunked_gated_delta_rule, chunked_gated_delta_rule_sequence, normalized_qk
 from .triton_chunk import chunk_gated_delta_rule as chunk_gated_delta_rule_triton
 
 
-def _recompute(q, k, v, g, beta, initial_state, bounds, scale, use_qk_l2norm, chunk_size, batched_len):
+def _recompute(q, k, v, g, beta, initial_state, bounds, chunk_size, batched_len):
     """Differentiable PyTorch forward on packed tokens q, k `[T, H, K]`, v `[T, H, V]`,
     g, beta `[T, H]`. Returns o `[T, H, V]` (float32) and final states `[N, H, K, V]`."""
     T, H, K = q.shape
     V = v.shape[-1]
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
-    if use_qk_l2norm:
-        q, k = l2_normalize(q), l2_normalize(k)
-    q = q * scale
     N = len(bounds) - 1
+    if batched_len is not None:  # N sequences of batched_len tokens: [N * L, H, ...] -> [N, L, H, ...]
+        o, ht = chunked_gated_delta_rule(*(x.reshape(N, batched_len, *x.shape[1:]) for x in (q, k, v, g, beta)),
+                                         initial_state, chunk_size)
+        return o.reshape(T, H, V), ht
+    q, k = normalized_qk(q, k)
+    v, g, beta = (x.float() for x in (v, g, beta))
     h0 = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
-    if batched_len is not None:
-        # N equal-length sequences at once, sequences folded into the head axis:
-        # [N * L, H, D] -> [L, N * H, D] (and [N * L, H] -> [L, N * H])
-        L = batched_len
-
-        def fold(x):
-            return x.reshape(N, L, H, *x.shape[2:]).transpose(0, 1).reshape(L, N * H, *x.shape[2:])
-
-        o, ht = chunked_gated_delta_rule_sequence(fold(q), fold(k), fold(v), fold(g), fold(beta),
-                                h0.reshape(N * H, K, V), chunk_size)
-        # [L, N * H, V] -> [N * L, H, V]
-        o = o.reshape(L, N, H, V).transpose(0, 1).reshape(N * L, H, V)
-        return o, ht.view(N, H, K, V)
     outputs, finals = [], []
     for i in range(N):
         start, end = bounds[i], bounds[i + 1]
         if end > start:
-            o_i, h_i = chunked_gated_delta_rule_sequence(q[start:end], k[start:end], v[start:end], g[start:end], beta[start:end],
-                                       h0[i], chunk_size)
+            o_i, h_i = chunked_gated_delta_rule_sequence(q[start:end], k[start:end], v[start:end], g[start:end],
+                                                         beta[start:end], h0[i], chunk_size)
             outputs.append(o_i)
         else:
             h_i = h0[i]
@@ -64,7 +52,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     final states `[N, H, K, V]` float32)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm, chunk_size, batched_len):
+    def forward(ctx, q, k, v, g, beta, initial_state, cu_seqlens, chunk_size, batched_len):
         T, H, K = q.shape
         V = v.shape[-1]
         N = cu_seqlens.shape[0] - 1
@@ -75,16 +63,16 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         slots = torch.arange(N, dtype=torch.int32, device=q.device)
         has_initial_state = torch.full((N,), initial_state is not None, dtype=torch.bool, device=q.device)
         o = chunk_gated_delta_rule_triton(q, k, v, g, beta, cu_seqlens, pool, slots, has_initial_state,
-                                          scale, use_qk_l2norm, chunk_size)
+                                          chunk_size)
         ctx.save_for_backward(q, k, v, g, beta, initial_state)
         ctx.bounds = cu_seqlens.tolist()
-        ctx.options = (scale, use_qk_l2norm, chunk_size, batched_len)
+        ctx.options = (chunk_size, batched_len)
         return o, pool
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state = ctx.saved_tensors
-        scale, use_qk_l2norm, chunk_size, batched_len = ctx.options
+        chunk_size, batched_len = ctx.options
         inputs = [x.detach().requires_grad_(x.requires_grad) for x in (q, k, v, g, beta)]
         h0 = None
         if initial_state is not None:
@@ -93,7 +81,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         grads = {}
         if wanted:
             with torch.enable_grad():
-                o, ht = _recompute(*inputs, h0, ctx.bounds, scale, use_qk_l2norm, chunk_size, batched_len)
+                o, ht = _recompute(*inputs, h0, ctx.bounds, chunk_size, batched_len)
                 outs, grad_outs = [o], [do.float()]
                 if dht is not None:
                     outs.append(ht)
@@ -101,7 +89,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
                 found = torch.autograd.grad(outs, wanted, grad_outs, allow_unused=True)
             grads = {id(x): gx for x, gx in zip(wanted, found)}
         result = [grads.get(id(x)) if x is not None else None for x in inputs + [h0]]
-        return (*result, None, None, None, None, None)
+        return (*result, None, None, None)
 
 
 def chunk_gated_delta_rule_autograd(
@@ -112,8 +100,6 @@ def chunk_gated_delta_rule_autograd(
     beta: torch.Tensor,
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked gated delta rule with gradients (Triton forward, PyTorch backward).
@@ -124,7 +110,6 @@ def chunk_gated_delta_rule_autograd(
             with cu_seqlens.
         cu_seqlens: `[N + 1]` int, optional: with B = 1, the T tokens are N packed
             sequences `cu_seqlens[i]:cu_seqlens[i+1]`, each with its own state.
-        scale: multiplies q after the L2 norm; defaults to `K ** -0.5`.
     Returns:
         o `[B, T, H, V]` in v's dtype and final states `[N, H, K, V]` float32, as
         `naive_recurrent_gated_delta_rule(..., output_final_state=True)` per sequence;
@@ -148,10 +133,9 @@ def chunk_gated_delta_rule_autograd(
     if initial_state is not None and initial_state.shape != (N, H, K, V):
         raise ValueError(f"chunk_gated_delta_rule_autograd: initial_state must be [{N}, {H}, {K}, {V}], "
                          f"got {tuple(initial_state.shape)}")
-    scale = K**-0.5 if scale is None else scale
     # [B, T, H, D] -> [B * T, H, D]; [B, T, H] -> [B * T, H]
     o, final_state = ChunkGatedDeltaRuleFunction.apply(
         q.reshape(B * T, H, K), k.reshape(B * T, H, K), v.reshape(B * T, H, V),
         g.reshape(B * T, H), beta.reshape(B * T, H), initial_state, cu_seqlens,
-        scale, use_qk_l2norm, chunk_size, batched_len)
+        chunk_size, batched_len)
     return o.view(B, T, H, V), final_state

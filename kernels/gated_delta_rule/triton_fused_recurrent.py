@@ -1,11 +1,11 @@
 """Recurrent gated delta rule for decode on the GPU (Triton), mirroring
-`fused_recurrent.fused_recurrent_gated_delta_rule`: N sequences of L tokens each (L = 1
+`cpu.fused_recurrent_gated_delta_rule`: N sequences of L tokens each (L = 1
 for plain decode, L > 1 for speculative decoding), states updated in place in the pool.
 
 One program per (sequence x head, V-block) holds the state tile `S [BK, BV]` (float32)
 and steps through the L tokens:
 
-    S = exp(g_t) S;   S = S + beta_t k_t (v_t - S^T k_t)^T;   o_t = S^T (q_t * scale)
+    S = exp(g_t) S;   S = S + beta_t k_t (v_t - S^T k_t)^T;   o_t = S^T (q_t * K**-0.5)   (q, k L2-normalised)
 
 Variants are `tl.constexpr` flags: `FUSE_GATING` computes g = -exp(A_log) softplus(a +
 dt_bias) and beta = sigmoid(b) from the raw projections inside the kernel;
@@ -47,7 +47,6 @@ def fused_recurrent_gated_delta_rule_fwd_kernel(
     V: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
-    USE_QK_L2NORM: tl.constexpr,
     FUSE_GATING: tl.constexpr,
     PER_TOKEN_SLOTS: tl.constexpr,
     USE_NUM_ACCEPTED: tl.constexpr,
@@ -94,10 +93,9 @@ def fused_recurrent_gated_delta_rule_fwd_kernel(
         else:
             b_g = tl.load(g + tok * H + i_h).to(tl.float32)
             b_beta = tl.load(beta + tok * H + i_h).to(tl.float32)
-        if USE_QK_L2NORM:
-            b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q)), 1e-6)
-            b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k)), 1e-6)
-        b_q = b_q * scale
+        b_q = b_q / tl.maximum(tl.sqrt(tl.sum(b_q * b_q)), 1e-6)
+        b_k = b_k / tl.maximum(tl.sqrt(tl.sum(b_k * b_k)), 1e-6)
+        b_q = b_q * scale  # K**-0.5
 
         b_h = b_h * tl.exp(b_g)
         b_v_new = b_v - tl.sum(b_h * b_k[:, None], axis=0)  # [BV]
@@ -117,7 +115,7 @@ def fused_recurrent_gated_delta_rule_fwd_kernel(
                  mask=(o_k[:, None] < k_write) & m_v[None, :])
 
 
-def _launch(q, k, v, g, beta, a, b, A_log, dt_bias, state_pool, state_indices, scale, use_qk_l2norm,
+def _launch(q, k, v, g, beta, a, b, A_log, dt_bias, state_pool, state_indices,
             num_accepted_tokens, fuse_gating: bool, caller: str) -> torch.Tensor:
     N, L, H, K = q.shape
     V = v.shape[-1]
@@ -132,7 +130,6 @@ def _launch(q, k, v, g, beta, a, b, A_log, dt_bias, state_pool, state_indices, s
     per_token_slots = state_indices.dim() == 2
     if num_accepted_tokens is not None and not per_token_slots:
         raise ValueError(f"{caller}: num_accepted_tokens needs per-token state_indices [N, L]")
-    scale = K**-0.5 if scale is None else scale
     q, k, v = (x.contiguous() for x in (q, k, v))
     o = torch.empty_like(v)
     if N == 0 or L == 0:
@@ -148,9 +145,9 @@ def _launch(q, k, v, g, beta, a, b, A_log, dt_bias, state_pool, state_indices, s
         q, k, v, g, beta, a, b, A_log, dt_bias, o,
         state_pool, state_indices, num_accepted_tokens,
         *state_pool.stride(), stride_indices_n, stride_indices_l,
-        float(scale), L,
+        K**-0.5, L,
         H=H, K=K, V=V, BK=BK, BV=BV,
-        USE_QK_L2NORM=use_qk_l2norm, FUSE_GATING=fuse_gating,
+        FUSE_GATING=fuse_gating,
         PER_TOKEN_SLOTS=per_token_slots, USE_NUM_ACCEPTED=num_accepted_tokens is not None,
     )
     return o
@@ -164,8 +161,6 @@ def fused_recurrent_gated_delta_rule(
     beta: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode steps of the gated delta rule with states in a pool (Triton).
@@ -184,7 +179,7 @@ def fused_recurrent_gated_delta_rule(
         o `[N, L, H, V]` in v's dtype.
     """
     g, beta = g.contiguous(), beta.contiguous()
-    return _launch(q, k, v, g, beta, None, None, None, None, state_pool, state_indices, scale, use_qk_l2norm,
+    return _launch(q, k, v, g, beta, None, None, None, None, state_pool, state_indices,
                    num_accepted_tokens, False, "fused_recurrent_gated_delta_rule")
 
 
@@ -198,8 +193,6 @@ def fused_recurrent_gated_delta_rule_from_gates(
     dt_bias: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     num_accepted_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`fused_recurrent_gated_delta_rule` with the JetBlock gating fused in: takes the raw
@@ -207,5 +200,5 @@ def fused_recurrent_gated_delta_rule_from_gates(
     g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b) in float32 inside the
     kernel. Other arguments and the result as in `fused_recurrent_gated_delta_rule`."""
     a, b, A_log, dt_bias = (x.contiguous() for x in (a, b, A_log, dt_bias))
-    return _launch(q, k, v, None, None, a, b, A_log, dt_bias, state_pool, state_indices, scale, use_qk_l2norm,
+    return _launch(q, k, v, None, None, a, b, A_log, dt_bias, state_pool, state_indices,
                    num_accepted_tokens, True, "fused_recurrent_gated_delta_rule_from_gates")

@@ -1,79 +1,28 @@
-"""Chunked gated delta rule for prefill on the CPU (PyTorch, float32).
+"""The gated delta rule as vLLM runs it on the CPU (PyTorch, float32 states): prefill in
+chunks (`chunk_gated_delta_rule`) and decode a few tokens at a time
+(`fused_recurrent_gated_delta_rule`), states read from and written to a pool.
 
-Within a chunk of C tokens with cumulative log-decay G and gamma = exp(G), the
-delta-rule writes U solve a unit lower-triangular system (the WY form):
-
-    (I + A) U = beta * V - (beta * gamma * K) S0,   A[s, r] = beta_s exp(G_s - G_r) k_s.k_r  (r < s)
-    O  = (gamma * Q) S0 + (Q K^T * exp(G_t - G_s), s <= t) U
-    S1 = exp(G_C) S0 + (K * exp(G_C - G))^T U
-
-so with T = (I + A)^-1, U0 = T (beta V) and W = T (beta gamma K): U = U0 - W S0.
-
-Schedule: the sequences of a batch run side by side, longest first, so that the ones
-still running at chunk position j are a prefix of the batch. Chunk positions are taken a
-wave at a time (a few positions of every running sequence, about `_WAVE_TOKENS` tokens,
-so that the wave's intermediates stay in the CPU caches): the state-free work of a wave
-(decay masks, T, U0, W) is one batched computation, then the state hands over from chunk
-to chunk with three batched matrix products per position ([W; gamma Q] S0, (Q K^T ..) U
-and K^T U). `chunked_gated_delta_rule_sequence` keeps the
-plain differentiable form (one sequence, no in-place updates) for the training backward.
+Prefill uses the WY form of `naive.py` (T = (I + A)^-1, U0 = T (beta V),
+W = T (beta gamma K), U = U0 - W S0). The sequences of a batch run side by side, longest
+first, so that the ones still running at chunk position j are a prefix of the batch. Chunk
+positions are taken a wave at a time (a few positions of every running sequence, about
+`_WAVE_TOKENS` tokens, so that the wave's intermediates stay in the CPU caches): the
+state-free work of a wave (decay masks, T, U0, W) is one batched computation, then the
+state hands over from chunk to chunk with three batched matrix products per position
+([W; gamma Q] S0, (Q K^T ..) U and K^T U).
 """
 
 import torch
-import torch.nn.functional as F
+
+from .gate import gated_delta_rule_gates
+from .naive import normalized_qk
 
 # Tokens per wave, all running sequences together.
 _WAVE_TOKENS = 256
-
-
-def chunked_gated_delta_rule_sequence(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    chunk_size: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence: q, k `[T, H, K]`, v `[T, H, V]`, g, beta `[T, H]`, state `[H, K, V]`
-    (all float32, q already scaled). Returns o `[T, H, V]` and the final state.
-
-    The differentiable formulation (no in-place updates), recomputed under autograd by
-    the training backward (triton_chunk_autograd.py); inference runs `_run_wave`."""
-    T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    N = -(-T // C)
-    pad = N * C - T
-    # Padding tokens have k = v = q = 0 and g = 0: no write, no decay, no output.
-    # [T, H, D] -> [H, N, C, D]
-    q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)).view(N, C, H, -1).permute(2, 0, 1, 3) for x in (q, k, v))
-    # [T, H] -> [H, N, C]
-    g, beta = (F.pad(x, (0, 0, 0, pad)).view(N, C, H).permute(2, 0, 1) for x in (g, beta))
-
-    G = g.cumsum(-1)  # [H, N, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # decay[t, s] = exp(G_t - G_s) for s <= t, else 0: [H, N, C, C]
-    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-
-    k_beta = k * beta[..., None]
-    A = (k_beta @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
-    lower = eye + A
-    U0 = torch.linalg.solve_triangular(lower, v * beta[..., None], upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(lower, k_beta * G.exp()[..., None], upper=False, unitriangular=True)
-    qk = q @ k.transpose(-1, -2) * decay  # [H, N, C, C]
-    q_decayed = q * G.exp()[..., None]
-    k_to_end = k * (G[..., -1:] - G).exp()[..., None]
-    chunk_decay = G[..., -1].exp()  # [H, N]
-
-    out = torch.empty(H, N, C, V, dtype=q.dtype, device=q.device)
-    for n in range(N):
-        U = U0[:, n] - W[:, n] @ state  # [H, C, V]
-        out[:, n] = q_decayed[:, n] @ state + qk[:, n] @ U
-        state = state * chunk_decay[:, n, None, None] + k_to_end[:, n].transpose(-1, -2) @ U
-    # [H, N, C, V] -> [T, H, V]
-    return out.permute(1, 2, 0, 3).reshape(N * C, H, V)[:T], state
+# Bytes of float32 states updated together in decode: a block of sequences whose states
+# stay in the CPU's L2 cache between the steps of one token (gather, products, decay,
+# write, scatter).
+_BLOCK_BYTES = 3 << 19
 
 
 def _gather_wave(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -94,8 +43,6 @@ def _run_wave(
     g: torch.Tensor,
     beta: torch.Tensor,
     state: torch.Tensor,
-    scale: float,
-    use_qk_l2norm: bool,
 ) -> torch.Tensor:
     """P chunk positions of S sequences, batched over (position, sequence, head):
     q, k `[P * S * H, C, K]`, v `[P * S * H, C, V]`, g, beta `[P * S * H, C]` (float32,
@@ -108,11 +55,9 @@ def _run_wave(
     V = v.shape[-1]
     SH = state.shape[0] * state.shape[1]
     P = batch // SH
-    if use_qk_l2norm:  # 1 / max(||x||, eps), as `naive.l2_normalize`
-        rq = torch.linalg.vector_norm(q, dim=-1).clamp_min_(1e-6).reciprocal_().mul_(scale)  # [batch, C]
-        rk = torch.linalg.vector_norm(k, dim=-1).clamp_min_(1e-6).reciprocal_()
-    else:
-        rq, rk = torch.full_like(g, scale), torch.ones_like(g)
+    # 1 / max(||x||, eps), as `naive.l2_normalize`; q also scaled by K**-0.5
+    rq = torch.linalg.vector_norm(q, dim=-1).clamp_min_(1e-6).reciprocal_().mul_(K**-0.5)  # [batch, C]
+    rk = torch.linalg.vector_norm(k, dim=-1).clamp_min_(1e-6).reciprocal_()
     G = g.cumsum(-1)  # [batch, C]
     gamma = G.exp()
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -157,8 +102,6 @@ def chunk_gated_delta_rule(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    scale: float | None = None,
-    use_qk_l2norm: bool = True,
     chunk_size: int = 32,
 ) -> torch.Tensor:
     """Varlen chunked gated delta rule reading and writing states in a pool.
@@ -177,7 +120,6 @@ def chunk_gated_delta_rule(
     T_total, H, K = q.shape
     V = v.shape[-1]
     C = chunk_size
-    scale = K**-0.5 if scale is None else scale
     device = q.device
     bounds = cu_seqlens.tolist()
     num_seqs = len(bounds) - 1
@@ -209,7 +151,7 @@ def chunk_gated_delta_rule(
         o = _run_wave(
             _gather_wave(q, src), _gather_wave(k, src), _gather_wave(v, src),
             _gather_wave(g, src).masked_fill_(padding, 0.0), _gather_wave(beta, src).masked_fill_(padding, 0.0),
-            states[:running], scale, use_qk_l2norm)
+            states[:running])
         # [P, S * H, C, V] -> [P, S, C, H, V] -> [P * S * C, H, V]
         o = o.view(width, running, H, C, V).transpose(2, 3)
         o = torch.empty(o.shape, dtype=out.dtype, device=device).copy_(o).view(-1, H, V)
@@ -217,3 +159,98 @@ def chunk_gated_delta_rule(
         position += width
     state_pool[slots[~padded]] = states[~padded].to(state_pool.dtype)
     return out[:T_total]
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode steps, L tokens per sequence, states updated in place in the pool.
+
+    Args:
+        q, k: `[N, L, H, K]`; v: `[N, L, H, V]`; g, beta: `[N, L, H]` for N sequences of L
+            tokens each (L = 1 for plain decode).
+        state_pool: `[num_slots, H, K, V]`.
+        state_indices: `[N]` one slot per sequence (read, then overwritten with the state
+            after its last token), or `[N, >= L]`: read from `[:, 0]`, the state after token
+            j written to `[:, j]` (speculative decoding keeps every draft position). A
+            negative slot (PAD_SLOT_ID) is neither read (zeros instead) nor written.
+        num_accepted_tokens: `[N]`, with per-token indices only: sequence n starts from slot
+            `state_indices[n, num_accepted_tokens[n] - 1]`, the state after the last draft
+            token the previous step accepted (vLLM's speculative-decoding layout).
+    Returns:
+        o `[N, L, H, V]` in v's dtype.
+
+    Per token, with d = exp(g) and the state S before it:
+        u = beta (v - d S^T k),  o = d S^T q + (q.k) u,  S <- d S + k u^T
+    (the definition's order of operations, regrouped so that S is read once for both
+    products).
+    """
+    N, L, H, K = q.shape
+    V = v.shape[-1]
+    out_dtype = v.dtype
+    q, k = normalized_qk(q, k)
+    v, g, beta = (x.float() for x in (v, g, beta))
+    per_token_slots = state_indices.dim() == 2
+    state_indices = state_indices.to(device=q.device, dtype=torch.long)
+    if num_accepted_tokens is not None:
+        if not per_token_slots:
+            raise ValueError("num_accepted_tokens needs per-token state_indices [N, L], "
+                             f"got {tuple(state_indices.shape)}")
+        rows = torch.arange(N, device=q.device)
+        read_slots = state_indices[rows, num_accepted_tokens.to(q.device).long() - 1]
+    else:
+        read_slots = state_indices[:, 0] if per_token_slots else state_indices
+    write_slots = state_indices if per_token_slots else state_indices[:, None]  # [N, 1 or >= L]
+
+    decay = g.exp()  # [N, L, H]
+    # [k; q] per token and head, the two vectors S is read against: [N, L, H, 2, K]
+    kq = torch.stack([k, q], dim=-2)
+    qk_dot = (q * k).sum(-1)  # [N, L, H]
+    out = torch.empty(N, L, H, V, dtype=torch.float32, device=q.device)
+    block = max(1, _BLOCK_BYTES // (4 * H * K * V))
+    for n0 in range(0, N, block):
+        n1 = min(n0 + block, N)
+        BH = (n1 - n0) * H
+        reads = read_slots[n0:n1]
+        # [n, H, K, V] -> [n * H, K, V]; a padded sequence (negative slot) starts from zeros
+        S = state_pool.index_select(0, reads.clamp_min(0)).float()
+        S = torch.where((reads >= 0)[:, None, None, None], S, 0.0).view(BH, K, V)
+        for t in range(L):
+            d = decay[n0:n1, t].reshape(BH, 1)
+            proj = torch.bmm(kq[n0:n1, t].reshape(BH, 2, K), S)  # [n * H, 2, V]: S^T k, S^T q
+            u = (v[n0:n1, t].reshape(BH, V) - d * proj[:, 0]).mul_(beta[n0:n1, t].reshape(BH, 1))
+            out[n0:n1, t] = (d * proj[:, 1] + qk_dot[n0:n1, t].reshape(BH, 1) * u).view(n1 - n0, H, V)
+            S.mul_(d[:, :, None]).baddbmm_(k[n0:n1, t].reshape(BH, K, 1), u[:, None])
+            if per_token_slots or t == L - 1:
+                # [n * H, K, V] -> [n, H, K, V]
+                column = t if per_token_slots else 0
+                writes = write_slots[n0:n1, column]
+                kept = (writes >= 0).nonzero()[:, 0]  # padded slots are not written
+                state_pool.index_copy_(0, writes[kept], S.view(n1 - n0, H, K, V)[kept].to(state_pool.dtype))
+    return out.to(out_dtype)
+
+
+def fused_recurrent_gated_delta_rule_from_gates(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`fused_recurrent_gated_delta_rule` taking the raw gate projections a, b `[N, L, H]`
+    and A_log, dt_bias `[H]` (see `gated_delta_rule_gates`)."""
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    return fused_recurrent_gated_delta_rule(
+        q, k, v, g, beta, state_pool, state_indices, num_accepted_tokens)
