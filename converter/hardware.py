@@ -8,31 +8,32 @@ import time
 
 import torch
 
+from vllm_jetnemotron.config import JetNemotronConfigError, check_jet_settings, jet_block_dims
 from vllm_jetnemotron.kernels import dispatch
 
 
 def state_size(jet: dict) -> int:
     """Recurrent-state elements per JetBlock: H * K * V."""
-    k = jet["head_dim"]
-    return jet["num_heads"] * k * round(k * float(jet["expand_v"]))
+    d = jet_block_dims(jet)
+    return d.num_heads * d.head_k_dim * d.head_v_dim
 
 
 def candidate_grid(base: dict, target_state: int, num_heads: list[int], head_dims: list[int],
                    expand_v: list[float], max_candidates: int) -> list[dict]:
-    """The base settings first, then every grid point with H * K * round(K * e) equal to
-    `target_state` whose value dim the conv generator reduction divides, in grid order."""
-    reduction = base.get("dconv_generator_reduction", 8)
+    """The base settings first, then every grid point of whole JetBlock sizes (the config's
+    rules) with H * K * V equal to `target_state`, in grid order."""
     out = [dict(base)] if state_size(base) == target_state else []
+    seen = {(base["num_heads"], base["head_dim"], float(base["expand_v"]))}
     for h in num_heads:
         for k in head_dims:
             for e in expand_v:
-                v = k * e
-                if abs(v - round(v)) > 1e-6 or h * k * round(v) != target_state:
-                    continue
-                if (h * round(v)) % reduction:
-                    continue
                 jet = {**base, "num_heads": h, "head_dim": k, "expand_v": float(e)}
-                if all((c["num_heads"], c["head_dim"], float(c["expand_v"])) != (h, k, float(e)) for c in out):
+                try:
+                    check_jet_settings(jet)
+                except JetNemotronConfigError:
+                    continue
+                if state_size(jet) == target_state and (h, k, float(e)) not in seen:
+                    seen.add((h, k, float(e)))
                     out.append(jet)
     return out[:max_candidates]
 
@@ -40,25 +41,29 @@ def candidate_grid(base: dict, target_state: int, num_heads: list[int], head_dim
 @torch.no_grad()
 def jetblock_throughput(jet: dict, hidden: int, device: torch.device, batch: int = 16,
                         prefill_tokens: int = 1024, repeats: int = 3) -> dict:
-    """Tokens per second of one JetBlock's stateful core plus its projections: decode
-    (`batch` sequences, one token each) and prefill (one sequence of `prefill_tokens`)."""
-    H, K = jet["num_heads"], jet["head_dim"]
-    V = round(K * float(jet["expand_v"]))
-    W = jet.get("conv_size", 4)
-    D = H * V
+    """Tokens per second of one JetBlock (projections, conv generator, stateful core, gated
+    norm; random weights): decode (`batch` sequences, one token each) and prefill (one
+    sequence of `prefill_tokens`)."""
+    d = jet_block_dims(jet)
+    H, K, V, W, D, G = d.num_heads, d.head_k_dim, d.head_v_dim, d.conv_size, d.value_dim, d.generator_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    proj = torch.randn(hidden, 2 * H * K + 2 * D + 2 * H + D * W // 8, device=device, dtype=dtype) * 0.02
-    out_proj = torch.randn(D, hidden, device=device, dtype=dtype) * 0.02
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, device=device, dtype=dtype) * 0.02
+
+    # the input projections side by side: q, k [H * K each], v, output gate z [D each],
+    # a, b [H each], conv generator hidden [G]
+    in_proj = weight(hidden, 2 * d.key_dim + 2 * D + 2 * H + G)
+    generator_out, out_proj = weight(G, D * W), weight(D, hidden)
+    norm_weight = torch.ones(V, device=device, dtype=dtype)
 
     def core(x: torch.Tensor, prefill: bool):
         n = x.shape[0]
-        y = x @ proj  # [n, all projections]
-        q = y[:, :H * K].reshape(n, H, K)
-        k = y[:, H * K:2 * H * K].reshape(n, H, K)
-        v = y[:, 2 * H * K:2 * H * K + D].contiguous()
-        g = -torch.nn.functional.softplus(y[:, -2 * H:-H].float())
-        beta = y[:, -H:].float().sigmoid()
-        kernels = torch.randn(n, D, W, device=device, dtype=dtype) * 0.1 if kernels_cache is None else kernels_cache[:n]
+        q, k, v, z, a, b, hidden_g = (x @ in_proj).split([d.key_dim, d.key_dim, D, D, H, H, G], dim=-1)
+        q, k = q.reshape(n, H, K), k.reshape(n, H, K)
+        g, beta = dispatch.gated_delta_rule_gates(a, b, A_log, dt_bias)
+        kernels = (torch.nn.functional.silu(hidden_g) @ generator_out).view(n, D, W)
+        v = v.contiguous()
         if prefill:
             cu = torch.tensor([0, n], dtype=torch.int32, device=device)
             v = dispatch.dynamic_causal_conv(v, kernels, cu, conv_pool, slots[:1], has_state[:1])
@@ -67,13 +72,14 @@ def jetblock_throughput(jet: dict, hidden: int, device: torch.device, batch: int
             v = dispatch.dynamic_causal_conv_step(v, kernels, conv_pool, slots[:n])
             o = dispatch.fused_recurrent_gated_delta_rule(
                 q[:, None], k[:, None], v.view(n, 1, H, V), g[:, None], beta[:, None], state_pool, slots[:n])
+        o = dispatch.gated_rmsnorm(o.reshape(n, H, V), z.reshape(n, H, V), norm_weight, d.norm_eps)
         return o.reshape(n, D) @ out_proj
 
+    A_log, dt_bias = torch.zeros(H, device=device), torch.zeros(H, device=device)
     slots = torch.arange(batch, dtype=torch.int32, device=device)
     has_state = torch.zeros(batch, dtype=torch.bool, device=device)
     state_pool = torch.zeros(batch, H, K, V, dtype=torch.float32, device=device)
     conv_pool = torch.zeros(batch, W - 1, D, dtype=dtype, device=device)
-    kernels_cache = torch.randn(prefill_tokens, D, W, device=device, dtype=dtype) * 0.1
     result = {}
     for mode, x in (("decode", torch.randn(batch, hidden, device=device, dtype=dtype)),
                     ("prefill", torch.randn(prefill_tokens, hidden, device=device, dtype=dtype))):

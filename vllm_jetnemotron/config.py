@@ -171,17 +171,7 @@ class JetNemotronConfig(PreTrainedConfig):
 
     @property
     def jet_dims(self) -> JetBlockDims:
-        jet = self.efficient_attention_config["jet"]
-        head_k_dim = jet["head_dim"]
-        value_dim = round(head_k_dim * float(jet["expand_v"])) * jet["num_heads"]
-        return JetBlockDims(
-            num_heads=jet["num_heads"],
-            head_k_dim=head_k_dim,
-            head_v_dim=value_dim // jet["num_heads"],
-            conv_size=jet.get("conv_size", 4),
-            generator_dim=value_dim // jet.get("dconv_generator_reduction", 8),
-            norm_eps=float(jet.get("norm_eps", 1e-5)),
-        )
+        return jet_block_dims(self.efficient_attention_config["jet"])
 
     def layers_of_type(self, layer_type: str) -> list[int]:
         return [i for i, t in enumerate(self.layer_types) if t == layer_type]
@@ -233,7 +223,7 @@ class JetNemotronConfig(PreTrainedConfig):
         if "swa" in self.layer_types:
             self._validate_swa()
         if "jet" in self.layer_types:
-            self._validate_jet()
+            check_jet_settings(self.efficient_attention_config.get("jet"))
 
     def _validate_swa(self) -> None:
         swa = self.efficient_attention_config.get("swa")
@@ -243,38 +233,54 @@ class JetNemotronConfig(PreTrainedConfig):
                 f"{self.layers_of_type('swa')}; it needs {{'window_size': N}}")
         _positive_int(swa.get("window_size"), "efficient_attention_config.swa.window_size")
 
-    def _validate_jet(self) -> None:
-        jet = self.efficient_attention_config.get("jet")
-        prefix = "efficient_attention_config.jet"
-        if not isinstance(jet, dict):
-            raise JetNemotronConfigError(
-                f"{prefix} is missing but layer_types has 'jet' layers; it needs num_heads, "
-                "head_dim, expand_v, conv_size, dconv_generator_reduction and norm_eps")
-        num_heads = _positive_int(jet.get("num_heads"), f"{prefix}.num_heads")
-        head_dim = _positive_int(jet.get("head_dim"), f"{prefix}.head_dim")
-        _positive_int(jet.get("conv_size", 4), f"{prefix}.conv_size")
-        reduction = _positive_int(jet.get("dconv_generator_reduction", 8),
-                                  f"{prefix}.dconv_generator_reduction")
-        try:
-            expand_v = float(jet.get("expand_v"))
-        except (TypeError, ValueError):
-            raise JetNemotronConfigError(
-                f"{prefix}.expand_v must be a number, got {jet.get('expand_v')!r}") from None
-        head_v_dim = head_dim * expand_v
-        if head_v_dim < 1 or not math.isclose(head_v_dim, round(head_v_dim), abs_tol=1e-4):
-            raise JetNemotronConfigError(
-                f"{prefix}.expand_v = {jet['expand_v']!r} gives a value head dim of "
-                f"head_dim * expand_v = {head_v_dim:g}, which is not an integer")
-        value_dim = round(head_v_dim) * num_heads
-        if value_dim % reduction:
-            raise JetNemotronConfigError(
-                f"{prefix}.dconv_generator_reduction ({reduction}) must divide the value dim "
-                f"num_heads * head_dim * expand_v = {value_dim}")
-        try:
-            float(jet.get("norm_eps", 1e-5))
-        except (TypeError, ValueError):
-            raise JetNemotronConfigError(
-                f"{prefix}.norm_eps must be a number, got {jet.get('norm_eps')!r}") from None
+
+def jet_block_dims(jet: dict[str, Any]) -> JetBlockDims:
+    """The JetBlock sizes of `efficient_attention_config.jet` settings (checked by
+    `check_jet_settings`)."""
+    head_k_dim = jet["head_dim"]
+    value_dim = round(head_k_dim * float(jet["expand_v"])) * jet["num_heads"]
+    return JetBlockDims(
+        num_heads=jet["num_heads"],
+        head_k_dim=head_k_dim,
+        head_v_dim=value_dim // jet["num_heads"],
+        conv_size=jet.get("conv_size", 4),
+        generator_dim=value_dim // jet.get("dconv_generator_reduction", 8),
+        norm_eps=float(jet.get("norm_eps", 1e-5)),
+    )
+
+
+def check_jet_settings(jet: Any) -> None:
+    """Raise JetNemotronConfigError naming the field unless `jet` gives whole JetBlock sizes."""
+    prefix = "efficient_attention_config.jet"
+    if not isinstance(jet, dict):
+        raise JetNemotronConfigError(
+            f"{prefix} is missing but layer_types has 'jet' layers; it needs num_heads, "
+            "head_dim, expand_v, conv_size, dconv_generator_reduction and norm_eps")
+    num_heads = _positive_int(jet.get("num_heads"), f"{prefix}.num_heads")
+    head_dim = _positive_int(jet.get("head_dim"), f"{prefix}.head_dim")
+    _positive_int(jet.get("conv_size", 4), f"{prefix}.conv_size")
+    reduction = _positive_int(jet.get("dconv_generator_reduction", 8),
+                              f"{prefix}.dconv_generator_reduction")
+    try:
+        expand_v = float(jet.get("expand_v"))
+    except (TypeError, ValueError):
+        raise JetNemotronConfigError(
+            f"{prefix}.expand_v must be a number, got {jet.get('expand_v')!r}") from None
+    head_v_dim = head_dim * expand_v
+    if head_v_dim < 1 or not math.isclose(head_v_dim, round(head_v_dim), abs_tol=1e-4):
+        raise JetNemotronConfigError(
+            f"{prefix}.expand_v = {jet['expand_v']!r} gives a value head dim of "
+            f"head_dim * expand_v = {head_v_dim:g}, which is not an integer")
+    value_dim = round(head_v_dim) * num_heads
+    if value_dim % reduction:
+        raise JetNemotronConfigError(
+            f"{prefix}.dconv_generator_reduction ({reduction}) must divide the value dim "
+            f"num_heads * head_dim * expand_v = {value_dim}")
+    try:
+        float(jet.get("norm_eps", 1e-5))
+    except (TypeError, ValueError):
+        raise JetNemotronConfigError(
+            f"{prefix}.norm_eps must be a number, got {jet.get('norm_eps')!r}") from None
 
 
 def checkpoint_tensor_shapes(config: JetNemotronConfig) -> dict[str, tuple[int, ...]]:

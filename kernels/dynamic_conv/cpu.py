@@ -95,8 +95,6 @@ def dynamic_causal_conv(
     every sequence, whose windows reach into the history, are recomputed from the
     sequence's own history.
     """
-    T, D = x.shape
-    W = kernels.shape[-1]
     exact_products = x.dtype in _EXACT_PRODUCT_DTYPES and kernels.dtype in _EXACT_PRODUCT_DTYPES
     out = _convolve_packed_fast(x, kernels) if exact_products else None
     if out is None:
