@@ -8,6 +8,10 @@ import argparse
 
 from openai import OpenAI
 
+MESSAGES = [{"role": "system", "content": "You are a concise assistant."},
+            {"role": "user", "content": "What is linear attention?"}]
+MAX_TOKENS = 48
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -17,9 +21,7 @@ def main() -> None:
 
     client = OpenAI(base_url=args.base_url, api_key="EMPTY")
     model = args.model or client.models.list().data[0].id
-    messages = [{"role": "system", "content": "You are a concise assistant."},
-                {"role": "user", "content": "What is linear attention?"}]
-    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0.0)
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0.0)
     print(reply.choices[0].message.content)
 
 

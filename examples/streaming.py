@@ -7,6 +7,9 @@ import argparse
 
 from openai import OpenAI
 
+PROMPT = "Here is a short story:"
+MAX_TOKENS = 48
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -16,8 +19,8 @@ def main() -> None:
 
     client = OpenAI(base_url=args.base_url, api_key="EMPTY")
     model = args.model or client.models.list().data[0].id
-    stream = client.completions.create(model=model, prompt="Here is a short story:", max_tokens=48,
-                                       temperature=0.0, stream=True)
+    stream = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0,
+                                       stream=True)
     for chunk in stream:
         if chunk.choices:
             print(chunk.choices[0].text, end="", flush=True)

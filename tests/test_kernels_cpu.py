@@ -1,6 +1,9 @@
 """The CPU implementations vLLM runs (chunked prefill, recurrent decode, dynamic conv)
 against the naive definitions, on varlen batches reading and writing state pools."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -472,3 +475,35 @@ def test_training_chunked_form_matches_the_definition_with_gradients(with_initia
     torch.testing.assert_close(state, state_ref, atol=1e-4, rtol=1e-4)
     for name, x, y in zip(["q", "k", "v", "g", "beta", "initial_state"], got, expected):
         torch.testing.assert_close(x, y, atol=1e-3, rtol=1e-3, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+DISPATCH_ON_CPU = """
+import sys
+import torch
+from vllm_jetnemotron import kernels as ops
+
+q, k = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+v, a, b = torch.randn(5, 2, 32), torch.randn(5, 2), torch.randn(5, 2)
+A_log, dt_bias = torch.rand(2), torch.randn(2)
+g, beta = ops.gated_delta_rule_gates(a, b, A_log, dt_bias)
+cu, slots, has = torch.tensor([0, 2, 5]), torch.tensor([1, 0]), torch.tensor([True, False])
+pool, conv_pool = torch.randn(3, 2, 16, 32), torch.randn(3, 3, 64)
+x, kernels = torch.randn(5, 64), torch.randn(5, 64, 4)
+ops.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, slots, has)
+ops.gated_delta_rule_decode(q[:2], k[:2], v[:2], a[:2], b[:2], A_log, dt_bias, pool, slots)
+ops.fused_recurrent_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, cu, pool, torch.tensor([[0, 1, 2], [0, 1, 2]]),
+                                            torch.tensor([1, 1]))
+ops.dynamic_causal_conv(x, kernels, cu, conv_pool, slots, has)
+ops.dynamic_causal_conv_step(x[:2], kernels[:2], conv_pool, slots)
+ops.gated_rmsnorm(v, v, torch.ones(32), 1e-6)
+print(sorted(m for m in ("triton", "vllm") if m in sys.modules))
+"""
+
+
+def test_cpu_tensors_never_import_triton_or_vllm():
+    # The contract of `kernels.dispatch`: every routed op on CPU tensors runs the CPU
+    # implementation, so a CPU-only install needs no triton, and the kernels never import
+    # vLLM (the CPU decode op is reached through torch.ops only once vLLM has loaded it).
+    result = subprocess.run([sys.executable, "-c", DISPATCH_ON_CPU], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"

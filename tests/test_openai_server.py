@@ -2,6 +2,7 @@
 driven with the `openai` client and compared with offline `LLM.generate`."""
 
 import asyncio
+import importlib.util
 import json
 import re
 import subprocess
@@ -244,9 +245,27 @@ def test_invalid_schema_gets_400_and_the_server_keeps_serving(client):
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("example", ["openai_chat.py", "streaming.py"])
-def test_client_examples_run_against_the_server(server, example):
+def test_client_examples_print_what_offline_generate_writes(server, default_llm, example):
+    """Each example, run as written against the server, prints the greedy text offline
+    `LLM` writes for the same request (the chat through the checkpoint's template)."""
+    from vllm import SamplingParams
+
     result = subprocess.run([sys.executable, str(EXAMPLES / example), "--base-url", f"{server}/v1"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip()
+    module = load_example(example)
+    params = SamplingParams(temperature=0.0, max_tokens=module.MAX_TOKENS)
+    if example == "openai_chat.py":
+        (expected,) = default_llm.chat(module.MESSAGES, params)
+    else:
+        (expected,) = default_llm.generate([module.PROMPT], params)
+    assert expected.outputs[0].text.strip()
+    assert result.stdout == expected.outputs[0].text + "\n"

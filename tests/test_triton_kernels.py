@@ -35,7 +35,6 @@ import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from vllm_jetnemotron.kernels import dispatch  # noqa: E402
-from vllm_jetnemotron.kernels.dynamic_conv import cpu as conv_cpu  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv import triton_conv, triton_conv_autograd  # noqa: E402
 from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive  # noqa: E402
 from vllm_jetnemotron.kernels.gated_delta_rule import cpu as gdr_cpu  # noqa: E402
@@ -489,41 +488,6 @@ def test_dynamic_causal_conv_autograd_varlen_matches_naive():
     assert torch.equal(final, final_ref)
     for name, gr, gr_ref in zip(["dx", "dkernels", "dh0"], grads, grads_ref):
         assert_close(gr, gr_ref, torch.float32, name, GRAD_TOLERANCES)
-
-
-# ----- dispatch ------------------------------------------------------------------------------
-
-
-def test_dispatch_runs_the_cpu_implementations_on_cpu_tensors():
-    gen = torch.Generator().manual_seed(41)
-    K, V, D, W = 16, 32, 24, 4
-    cu, slots, has = packed([3, 6]), torch.tensor([2, 0]), torch.tensor([True, False])
-    q, k, v, g, beta = gdn_inputs((9,), K, V, torch.float32, gen)
-    pool = state_pool(3, K, V, torch.float32, gen)
-    p1, p2 = pool.clone(), pool.clone()
-    assert torch.equal(dispatch.chunk_gated_delta_rule(q, k, v, g, beta, cu, p1, slots, has),
-                       gdr_cpu.chunk_gated_delta_rule(q, k, v, g, beta, cu, p2, slots, has))
-    assert torch.equal(p1, p2)
-
-    # one sequence of 3 draft tokens: [9, ...] -> [1, 3, ...]
-    q4, k4, v4, g4, b4 = (t[:3][None] for t in (q, k, v, g, beta))
-    token_slots, n_acc = torch.tensor([[0, 1, 2]]), torch.tensor([2])
-    p1, p2 = pool.clone(), pool.clone()
-    assert torch.equal(
-        dispatch.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p1, token_slots, num_accepted_tokens=n_acc),
-        gdr_cpu.fused_recurrent_gated_delta_rule(q4, k4, v4, g4, b4, p2, token_slots, num_accepted_tokens=n_acc))
-    assert torch.equal(p1, p2)
-
-    x, kernels = torch.randn(9, D, generator=gen), torch.randn(9, D, W, generator=gen)
-    cpool = conv_pool(3, W, D, torch.float32, gen)
-    c1, c2 = cpool.clone(), cpool.clone()
-    assert torch.equal(dispatch.dynamic_causal_conv(x, kernels, cu, c1, slots, has),
-                       conv_cpu.dynamic_causal_conv(x, kernels, cu, c2, slots, has))
-    assert torch.equal(dispatch.dynamic_causal_conv_step(x[:2], kernels[:2], c1, slots),
-                       conv_cpu.dynamic_causal_conv_step(x[:2], kernels[:2], c2, slots))
-    assert torch.equal(c1, c2)
-    z, w = torch.randn(9, V, generator=gen), torch.randn(V, generator=gen)
-    assert torch.equal(dispatch.gated_rmsnorm(v[:, 0], z, w, 1e-6), gated_rmsnorm_naive(v[:, 0], z, w, 1e-6))
 
 
 @contextlib.contextmanager
