@@ -93,3 +93,19 @@ def test_checkpoint_shapes_cover_both_mixer_kinds():
     assert shapes["model.layers.0.self_attn.dynamic_conv1d.kernel_generator.w2.weight"] == (3072 * 4, 384)
     assert shapes["model.layers.14.self_attn.q_proj.bias"] == (1536,)
     assert "lm_head.weight" not in shapes  # tied embeddings
+
+
+@pytest.mark.parametrize("name", ["2b", "4b"])
+def test_checkpoint_tensor_shapes_equal_the_official_weight_map(name):
+    # The asset is derived from NVlabs' own modeling code (its "source" field says how),
+    # so this checks checkpoint_tensor_shapes against something this project did not write.
+    asset = json.loads(asset_path(f"jet-nemotron-{name}.tensors.json").read_text())
+    official = {tensor: tuple(dims) for tensor, dims in asset["tensors"].items()}
+    ours = checkpoint_tensor_shapes(official_config(name))
+    missing = sorted(official.keys() - ours.keys())
+    extra = sorted(ours.keys() - official.keys())
+    differing = {t: (ours[t], official[t]) for t in sorted(official.keys() & ours.keys())
+                 if ours[t] != official[t]}
+    assert not (missing or extra or differing), (
+        f"checkpoint_tensor_shapes({name}) disagrees with the official tensor list: "
+        f"missing {missing}; extra {extra}; shape (ours, official) {differing}")

@@ -8,30 +8,17 @@ initial states; float32 and bfloat16 inputs. Shapes are small: the interpreter r
 every program one after another in NumPy.
 
 The tests run once in a pytest subprocess on this file with TRITON_INTERPRET=1, and
-each test of the main process reports its outcome from there (see RUN_IN_SUBPROCESS):
-the setting must be made before triton is imported, and must not reach the vLLM engines
-other test modules start in the main process (on a GPU they run compiled Triton).
+each test of the main process reports its outcome from there (tests/fresh_interpreter.py).
 """
 
+import contextlib
 import os
-
-# The tests run in a pytest subprocess on this file with TRITON_INTERPRET=1 set before
-# triton is imported (@triton.jit then builds interpreted kernels that run on CPU
-# tensors); the setting never enters the main test process, whose vLLM engines (on a
-# GPU: compiled Triton) must not inherit it. See RUN_IN_SUBPROCESS.
-
-import contextlib  # noqa: E402
-import functools  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import xml.etree.ElementTree as ElementTree  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton.language as tl  # noqa: E402
+from fresh_interpreter import in_subprocess, report_from_subprocess  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from vllm_jetnemotron.kernels import dispatch  # noqa: E402
@@ -51,42 +38,9 @@ from vllm_jetnemotron.kernels.gated_rmsnorm.naive import gated_rmsnorm_naive  # 
 # Every test of this module runs once in a fresh interpreter (a pytest subprocess on this
 # file, TRITON_INTERPRET=1) and each test here reports its own outcome from that run.
 _SUBPROCESS_FLAG = "JETNEMOTRON_TRITON_TESTS_IN_SUBPROCESS"
-RUN_IN_SUBPROCESS = not os.environ.get(_SUBPROCESS_FLAG)
+RUN_IN_SUBPROCESS = not in_subprocess(_SUBPROCESS_FLAG)
 if not RUN_IN_SUBPROCESS:
     assert os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(tl.sigmoid, JITFunction)
-
-
-@functools.cache
-def _fresh_interpreter_outcomes() -> dict[str, str]:
-    """Test name (with parameters) -> "passed" or the failure text, from one pytest run of
-    this file in a fresh Python with TRITON_INTERPRET=1."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
-        env = dict(os.environ, TRITON_INTERPRET="1", **{_SUBPROCESS_FLAG: "1"})
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", __file__],
-            env=env, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=1200)
-        if not report.exists():
-            raise RuntimeError(f"pytest subprocess on {__file__} wrote no report (rc {run.returncode}):\n"
-                               f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
-        outcomes = {}
-        for case in ElementTree.parse(report).iter("testcase"):
-            problems = [child for child in case if child.tag in ("failure", "error", "skipped")]
-            details = "\n".join(f"{p.tag}: {p.get('message')}\n{p.text or ''}" for p in problems)
-            outcomes[case.get("name")] = details or "passed"
-        return outcomes
-
-
-def _reported_from_fresh_interpreter(test):
-    @functools.wraps(test)  # keeps the signature and the parametrize marks
-    def report(*args, **kwargs):
-        # "tests/test_triton_kernels.py::test_name[params] (call)" -> "test_name[params]"
-        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" ", 1)[0]
-        outcome = _fresh_interpreter_outcomes().get(name, "not run in the subprocess")
-        if outcome != "passed":
-            pytest.fail(f"{name} in a fresh interpreter: {outcome}", pytrace=False)
-
-    return report
 
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -550,6 +504,4 @@ def test_gpu_decode_and_speculative_steps_make_no_host_sync(monkeypatch):
 
 
 if RUN_IN_SUBPROCESS:
-    for _name, _test in list(globals().items()):
-        if _name.startswith("test_") and callable(_test):
-            globals()[_name] = _reported_from_fresh_interpreter(_test)
+    report_from_subprocess(globals(), _SUBPROCESS_FLAG)

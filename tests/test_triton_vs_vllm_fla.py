@@ -47,11 +47,8 @@ import sys
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
-import functools  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import xml.etree.ElementTree as ElementTree  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -64,10 +61,11 @@ BENCH = REPO / "bench"
 sys.path.insert(0, str(BENCH))
 
 import kernel_checks as kc  # noqa: E402
+from fresh_interpreter import in_subprocess, report_from_subprocess  # noqa: E402
 import vllm_fla  # noqa: E402
 
 _SUBPROCESS_FLAG = "JETNEMOTRON_FLA_TESTS_IN_SUBPROCESS"
-RUN_IN_SUBPROCESS = isinstance(tl.sigmoid, JITFunction) and not os.environ.get(_SUBPROCESS_FLAG)
+RUN_IN_SUBPROCESS = isinstance(tl.sigmoid, JITFunction) and not in_subprocess(_SUBPROCESS_FLAG)
 assert RUN_IN_SUBPROCESS or os.environ.get("TRITON_INTERPRET") == "1"
 
 CPU = torch.device("cpu")
@@ -75,36 +73,6 @@ HEADS = {"2B": (2, 96, 256), "4B": (2, 128, 256)}  # (H, K, V); the official H i
 # packed prefill: one sequence with an initial state crossing a 64-token chunk, a padded one
 # (slot -1, its "has initial state" ignored), a short one without an initial state
 LENGTHS, SLOTS, HAS_STATE, NUM_SLOTS = [65, 1, 3], [1, -1, 5], [True, True, False], 7
-
-
-@functools.cache
-def _fresh_interpreter_outcomes() -> dict[str, str]:
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.xml"
-        env = dict(os.environ, TRITON_INTERPRET="1", **{_SUBPROCESS_FLAG: "1"})
-        run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", __file__],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=1200)
-        if not report.exists():
-            raise RuntimeError(f"pytest subprocess on {__file__} wrote no report (rc {run.returncode}):\n"
-                               f"{run.stdout[-4000:]}\n{run.stderr[-4000:]}")
-        outcomes = {}
-        for case in ElementTree.parse(report).iter("testcase"):
-            problems = [child for child in case if child.tag in ("failure", "error", "skipped")]
-            outcomes[case.get("name")] = "\n".join(f"{p.tag}: {p.get('message')}\n{p.text or ''}"
-                                                   for p in problems) or "passed"
-        return outcomes
-
-
-def _reported_from_fresh_interpreter(test):
-    @functools.wraps(test)
-    def report(*args, **kwargs):
-        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" ", 1)[0]
-        outcome = _fresh_interpreter_outcomes().get(name, "not run in the subprocess")
-        if outcome != "passed":
-            pytest.fail(f"{name} in a fresh interpreter: {outcome}", pytrace=False)
-
-    return report
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +277,4 @@ def test_gpu_check_keeps_foreign_folders(tmp_path):
 
 
 if RUN_IN_SUBPROCESS:
-    for _name, _test in list(globals().items()):
-        if _name.startswith("test_") and callable(_test):
-            globals()[_name] = _reported_from_fresh_interpreter(_test)
+    report_from_subprocess(globals(), _SUBPROCESS_FLAG)
