@@ -6,12 +6,14 @@ PY := $(VENV)/bin/python
 EXTRAS ?= cpu,dev
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
-# Default: the demo model `make demo-model` builds on first use (about 40 min here).
-MODEL ?= models/demo-jet-nemotron
+# Default: the demo model shipped in checkpoints/ (its PROVENANCE.md says how it was made);
+# `make demo-model` rebuilds it in models/ (about 40 min on 2 cores), `MODEL=models/...` serves that.
+MODEL ?= checkpoints/demo-jet-nemotron
 # Loopback only; HOST=0.0.0.0 serves other machines (then require an API key: README.md).
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget.
+# On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget; on a
+# GPU set your own (SERVE_ARGS= lets vLLM size the cache from --gpu-memory-utilization).
 SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648 --max-model-len 8192
 
 .PHONY: setup test serve bench clean
