@@ -30,13 +30,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Test modules run on TEST_WORKERS pytest-xdist processes, a module's tests on one of them
-# (its engines are shared), each process's CPU engines on a core of their own (tests/conftest.py);
+# (its engines are shared), the longest modules first, each process's CPU engines on a core of
+# their own (tests/conftest.py);
 # TEST_WORKERS=0 runs them in this process, one after the other, as on a GPU machine, where two
 # engines at once would compete for one device's memory.
 TEST_WORKERS ?= $(if $(findstring gpu,$(EXTRAS)),0,2)
 
 test: setup
-	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(PY) -m pytest tests $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 models/random-small: | setup
 	$(PY) -m vllm_jetnemotron.converter.random_checkpoint $@ --preset small

@@ -30,6 +30,22 @@ if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.envi
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(_CPUS[int(_XDIST_WORKER[2:]) % len(_CPUS)])
 
 
+# The modules in the order of their running time, longest first (measured with
+# `pytest --durations=0`, one process): `make test` hands whole modules to its xdist
+# processes in collection order (`--no-loadscope-reorder`), so starting with the longest
+# keeps the two processes busy to the end. Modules not listed run after these.
+LONGEST_MODULES_FIRST = [
+    "test_quantized_vllm", "test_converter", "test_vllm_loading", "test_speculative_decoding", "test_examples",
+    "test_engine_behaviour", "test_lora", "test_seeded_sampling", "test_short_names", "test_triton_vs_vllm_fla",
+    "test_lm_eval", "test_openai_server", "test_vllm_parity", "test_triton_kernels", "test_server_process",
+]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> str:
     """4 layers (jet, attn, jet, swa with a 48-token window), float32."""
@@ -61,13 +77,19 @@ def start_llm(model: str, **kwargs):
     return LLM(model=model, **options)
 
 
+# Seconds an engine gets to exit before vLLM kills its processes (vLLM's default, 5 s, is
+# always used up on CPU: the engine process outlives its worker's exit by seconds). The tests
+# are done with an engine when they stop it and need no graceful teardown.
+ENGINE_SHUTDOWN_S = 1.0
+
+
 @contextlib.contextmanager
 def running_llm(model: str, **kwargs):
     llm = start_llm(model, **kwargs)
     try:
         yield llm
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_S)
 
 
 def speculative_counters(llm) -> dict[str, float]:

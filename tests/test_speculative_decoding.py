@@ -107,18 +107,34 @@ def without_speculation(target, prompts):
         return token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
 
 
+def ngram(num_speculative_tokens: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": num_speculative_tokens,
+            "prompt_lookup_min": 1, "prompt_lookup_max": 4}
+
+
+@pytest.fixture(scope="module")
+def ngram3_llm(target):
+    """The target speculating 3 ngram tokens, shared by two tests."""
+    with running_llm(target, speculative_config=ngram(3), disable_log_stats=False) as llm:
+        yield llm
+
+
+def generate_and_count(llm, prompts):
+    outputs = token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
+    return outputs, speculative_counters(llm)
+
+
 def speculative_run(model, prompts, speculative_config):
     with running_llm(model, speculative_config=speculative_config, disable_log_stats=False) as llm:
-        outputs = token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
-        counters = speculative_counters(llm)
-    return outputs, counters
+        return generate_and_count(llm, prompts)
 
 
 @pytest.mark.parametrize("num_speculative_tokens", [1, 3, 5])
-def test_ngram_equals_no_speculation(target, prompts, without_speculation, num_speculative_tokens):
-    outputs, counters = speculative_run(target, prompts, {
-        "method": "ngram", "num_speculative_tokens": num_speculative_tokens,
-        "prompt_lookup_min": 1, "prompt_lookup_max": 4})
+def test_ngram_equals_no_speculation(request, target, prompts, without_speculation, num_speculative_tokens):
+    if num_speculative_tokens == 3:
+        outputs, counters = generate_and_count(request.getfixturevalue("ngram3_llm"), prompts)
+    else:
+        outputs, counters = speculative_run(target, prompts, ngram(num_speculative_tokens))
     assert outputs == without_speculation
     assert counters["accepted_tokens"] > 0, counters
     assert counters["draft_tokens"] > counters["accepted_tokens"], "some drafts must be rejected"
@@ -142,29 +158,26 @@ def test_eagle3_equals_no_speculation(target, eagle3_draft, prompts, without_spe
     assert counters["draft_tokens"] > 0, counters
 
 
-def test_one_token_prompt_joining_a_speculating_batch(target, prompts, without_speculation):
+def test_one_token_prompt_joining_a_speculating_batch(ngram3_llm, prompts, without_speculation):
     """A one-token prompt scheduled while the others speculate: vLLM pads it to the draft
     length and runs it on the speculative path, which must start it from empty states,
     not from what its slot's previous owner left (`jet_block_metadata.py`)."""
     one_token = next(i for i, p in enumerate(prompts) if len(p) == 1)
-    with running_llm(target, speculative_config={
-            "method": "ngram", "num_speculative_tokens": 3,
-            "prompt_lookup_min": 1, "prompt_lookup_max": 4}) as llm:
-        engine, outputs = llm.llm_engine, {}
+    engine, outputs = ngram3_llm.llm_engine, {}
 
-        def step():
-            for output in engine.step():
-                if output.finished:
-                    outputs[output.request_id] = list(output.outputs[0].token_ids)
+    def step():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = list(output.outputs[0].token_ids)
 
-        for i, prompt in enumerate(prompts):
-            if i != one_token:
-                engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy(NEW_TOKENS))
-        for _ in range(4):  # prefilled and speculating
-            step()
-        engine.add_request(str(one_token), {"prompt_token_ids": prompts[one_token]}, greedy(NEW_TOKENS))
-        while engine.has_unfinished_requests():
-            step()
+    for i, prompt in enumerate(prompts):
+        if i != one_token:
+            engine.add_request(str(i), {"prompt_token_ids": prompt}, greedy(NEW_TOKENS))
+    for _ in range(4):  # prefilled and speculating
+        step()
+    engine.add_request(str(one_token), {"prompt_token_ids": prompts[one_token]}, greedy(NEW_TOKENS))
+    while engine.has_unfinished_requests():
+        step()
     by_index = {int(request_id.split("-")[0]): ids for request_id, ids in outputs.items()}
     assert by_index[one_token] == without_speculation[one_token]
     assert [by_index[i] for i in range(len(prompts))] == without_speculation
