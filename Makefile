@@ -14,7 +14,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # On CPU, vLLM reserves --gpu-memory-utilization of host RAM unless told a KV budget; on a
 # GPU set your own (SERVE_ARGS= lets vLLM size the cache from --gpu-memory-utilization).
-SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648 --max-model-len 8192
+SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648
 
 .PHONY: setup test serve bench clean
 
