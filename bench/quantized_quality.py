@@ -1,8 +1,8 @@
 """Validation perplexity and retrieval accuracy of a checkpoint and of its w8a8 and w4a16
 quantizations (`jet-nemotron-convert quantize`), each served by vLLM: what a user of the
-quantized checkpoint gets. The demo model by default.
+quantized checkpoint gets. The shipped demo model by default.
 
-    .venv/bin/python bench/quantized_quality.py                     # after `make demo-model`
+    .venv/bin/python bench/quantized_quality.py                     # after `make demo-model` (its corpus)
     .venv/bin/python bench/quantized_quality.py CHECKPOINT --corpus DATA --recipe RECIPE
 
 The held-out tokens, windows and retrieval prompts are the converter's own (the recipe's
@@ -77,7 +77,7 @@ def quality(checkpoint: str, val, retrieval, kv_bytes: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", nargs="?", default="models/demo-jet-nemotron")
+    parser.add_argument("checkpoint", nargs="?", default="checkpoints/demo-jet-nemotron")
     parser.add_argument("--corpus", default="models/demo-corpus", help="the data the checkpoint was converted on")
     parser.add_argument("--recipe", default="recipes/demo.yaml", help="the recipe it was converted with")
     parser.add_argument("--tokenizer", help="folder whose tokenizer splits the corpus (default: the checkpoint's, "
