@@ -1,5 +1,5 @@
 """Gated delta rule: S_t = exp(g_t) S_{t-1} + beta_t k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,
-o_t = S_t^T (q_t * scale), with L2-normalised q and k.
+o_t = S_t^T (q_t * K**-0.5), with L2-normalised q and k.
 
 `naive.py` is the definition (and the chunked form the converter trains with), `gate.py`
 the gates from the raw projections; the implementations vLLM runs (`cpu.py` on the CPU,
