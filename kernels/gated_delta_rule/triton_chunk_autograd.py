@@ -15,7 +15,7 @@ flash-linear-attention) would replace `_recompute` without changing the interfac
 
 import torch
 
-from .naive import chunked_gated_delta_rule, chunked_gated_delta_rule_sequence, normalized_qk
+from .naive import chunked_gated_delta_rule
 from .triton_chunk import chunk_gated_delta_rule as chunk_gated_delta_rule_triton
 
 
@@ -29,20 +29,17 @@ def _recompute(q, k, v, g, beta, initial_state, bounds, chunk_size, batched_len)
         o, ht = chunked_gated_delta_rule(*(x.reshape(N, batched_len, *x.shape[1:]) for x in (q, k, v, g, beta)),
                                          initial_state, chunk_size)
         return o.reshape(T, H, V), ht
-    q, k = normalized_qk(q, k)
-    v, g, beta = (x.float() for x in (v, g, beta))
-    h0 = q.new_zeros(N, H, K, V) if initial_state is None else initial_state.float()
     outputs, finals = [], []
-    for i in range(N):
+    for i in range(N):  # one sequence at a time: [T_i, H, ...] -> [1, T_i, H, ...]
         start, end = bounds[i], bounds[i + 1]
+        h_i = None if initial_state is None else initial_state[i:i + 1]
         if end > start:
-            o_i, h_i = chunked_gated_delta_rule_sequence(q[start:end], k[start:end], v[start:end], g[start:end],
-                                                         beta[start:end], h0[i], chunk_size)
-            outputs.append(o_i)
+            o_i, h_i = chunked_gated_delta_rule(*(x[None, start:end] for x in (q, k, v, g, beta)), h_i, chunk_size)
+            outputs.append(o_i[0])
+            finals.append(h_i[0])
         else:
-            h_i = h0[i]
-        finals.append(h_i)
-    o = torch.cat(outputs) if outputs else q.new_zeros(0, H, V)
+            finals.append(q.new_zeros(H, K, V, dtype=torch.float32) if h_i is None else h_i[0].float())
+    o = torch.cat(outputs) if outputs else q.new_zeros(0, H, V, dtype=torch.float32)
     return o, torch.stack(finals)
 
 
