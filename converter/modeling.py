@@ -202,12 +202,15 @@ class JetBlock(nn.Module):
         g, beta = gated_delta_rule_gates(self.a_proj(x), self.b_proj(x), self.A_log, self.dt_bias)
         conv_state = cache.conv_states.get(self.layer_idx) if cache is not None else None
         v, conv_state = self.dynamic_conv1d(x, self.v_proj(x), conv_state)
-        if self.chunked_training and cache is None:
-            o = chunked_gated_delta_rule_for_training(q, k, v.view(B, T, H, V), g, beta)
-        else:
-            state = cache.recurrent_states.get(self.layer_idx) if cache is not None else None
-            o, state = naive_recurrent_gated_delta_rule(
-                q, k, v.view(B, T, H, V), g, beta, initial_state=state, output_final_state=cache is not None)
+        # the recurrence in float32 also under bf16 autocast (the converter's mixed precision):
+        # its chunked form's triangular solves and decays lose the state in bf16
+        with torch.autocast(x.device.type, enabled=False):
+            if self.chunked_training and cache is None:
+                o = chunked_gated_delta_rule_for_training(q, k, v.view(B, T, H, V), g, beta)
+            else:
+                state = cache.recurrent_states.get(self.layer_idx) if cache is not None else None
+                o, state = naive_recurrent_gated_delta_rule(
+                    q, k, v.view(B, T, H, V), g, beta, initial_state=state, output_final_state=cache is not None)
         if cache is not None:
             cache.conv_states[self.layer_idx], cache.recurrent_states[self.layer_idx] = conv_state, state
         z = self.g_proj(x).view(B, T, H, V)

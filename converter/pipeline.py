@@ -24,10 +24,10 @@ import torch
 
 from .recipe import RecipeError
 
-# Recipe keys (dotted prefixes) that decide the training data, the evaluation sets, and
-# the score the searches rank by.
-DATA_KEYS = ("seq_len", "batch_size", "val_fraction", "max_tokens", "retrieval.key_len", "retrieval.value_len",
-             "retrieval.pairs", "retrieval.queries", "retrieval.train_share")
+# Recipe keys (dotted prefixes) that decide the training data and its arithmetic, the
+# evaluation sets, and the score the searches rank by.
+DATA_KEYS = ("seq_len", "batch_size", "val_fraction", "max_tokens", "precision", "retrieval.key_len",
+             "retrieval.value_len", "retrieval.pairs", "retrieval.queries", "retrieval.train_share")
 EVAL_KEYS = DATA_KEYS + ("placement.eval_batches", "retrieval.samples", "eval.files")
 SCORE_KEYS = EVAL_KEYS + ("placement.weights",)
 

@@ -76,6 +76,12 @@ class Supernet(_Section):
     warmup: NonNegativeInt = 20
 
 
+class SupernetStage(Supernet):
+    # layer-wise attention transfer before the once-for-all steps (stages.stage_supernet)
+    transfer_steps: NonNegativeInt = 0
+    transfer_lr: PositiveFloat = 1e-3
+
+
 class PlacementWeights(_Section):
     loss: NonNegativeFloat = 1.0
     retrieval: NonNegativeFloat = 1.0
@@ -85,6 +91,8 @@ class PlacementWeights(_Section):
 class Placement(_Section):
     beam_width: PositiveInt = 2
     eval_batches: PositiveInt = 8          # validation batches per candidate placement
+    pair_ablation: bool = True             # score every pair of kept layers (L*(L-1)/2 layouts)
+    candidate_layers: PositiveInt | None = None  # beam over the layers best in the ablation (None: all)
     weights: PlacementWeights = PlacementWeights()
 
 
@@ -183,11 +191,14 @@ class Recipe(_Section):
     batch_size: PositiveInt = 8    # sequences per optimiser step (split over processes)
     val_fraction: Annotated[Number, Field(gt=0, lt=1)] = 0.05  # held-out share of the tokens
     max_tokens: PositiveInt = 20_000_000  # cap on tokenised data
+    # forwards in bf16 autocast (AVX-512 BF16 / AMX on CPU, tensor cores on GPU); weights, the
+    # optimiser, the JetBlock recurrence and the losses stay float32
+    precision: Literal["float32", "bfloat16"] = "float32"
     save_every: PositiveInt = 50   # checkpoint period in optimiser steps
     budget: Budget = Budget()
     jet: JetSettings = JetSettings()
     state_size: PositiveInt | None = None  # recurrent-state elements per JetBlock (H*K*V); None: from `jet`
-    supernet: Supernet = Supernet()
+    supernet: SupernetStage = SupernetStage()
     placement: Placement = Placement()
     retrieval: Retrieval = Retrieval()
     blocks: Blocks = Blocks()

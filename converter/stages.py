@@ -39,7 +39,7 @@ from .data import RetrievalSet, TrainingData, UserEvalSet, step_generator
 from .eagle3 import Eagle3Head, TargetPass, default_aux_layers, speculative_greedy
 from .hardware import candidate_grid, jetblock_throughput, state_size
 from .pipeline import BY_NAME, STAGE_NAMES, Stage, changed_keys, read_fingerprint, recipe_slice, result_digest
-from .students import SuperNetwork, build_student, set_trainable
+from .students import SuperNetwork, build_student, kl_distillation_loss, set_trainable
 from .teacher import student_config
 from .atomic_files import save_atomic, write_json_atomic
 from .training import Runtime, answer_loss, lm_loss, retrieval_recall, run_training, wilson_interval
@@ -76,10 +76,21 @@ class Context:
 
     def train(self, name: str, stage_dir: Path, model: nn.Module, student_logits, steps: int, lr: float,
               teacher_logits=None, warmup: int = 10) -> list[float]:
+        """Distil `student_logits(module, ids, step)` towards `teacher_logits(ids)` (KL)."""
+        target_logits = teacher_logits or self.teacher_logits
+
+        def distillation(module: nn.Module, ids: torch.Tensor, step: int) -> torch.Tensor:
+            with torch.no_grad():
+                target = target_logits(ids)
+            return kl_distillation_loss(student_logits(module, ids, step), target)
+
+        return self.fit(name, stage_dir, model, distillation, steps, lr, warmup)
+
+    def fit(self, name: str, stage_dir: Path, model: nn.Module, loss_fn, steps: int, lr: float,
+            warmup: int = 10) -> list[float]:
         r = self.recipe
-        return run_training(name, stage_dir, model, student_logits, teacher_logits or self.teacher_logits,
-                            self.training, self.rt, steps, lr, r["batch_size"], r["seq_len"],
-                            r["save_every"], warmup=min(warmup, max(1, steps // 5)))
+        return run_training(name, stage_dir, model, loss_fn, self.training, self.rt, steps, lr, r["batch_size"],
+                            r["seq_len"], r["save_every"], warmup=min(warmup, max(1, steps // 5)))
 
 
 @dataclass(frozen=True)
@@ -151,12 +162,17 @@ def evaluate(ctx: Context, logits_fn) -> dict:
     """Validation loss and perplexity, retrieval accuracy (share of held-out queries
     recalled exactly, with its 95% interval), user eval answer losses."""
     device = ctx.rt.device
-    loss = lm_loss(logits_fn, ctx.val_batches, device)
-    recalled, queries = retrieval_recall(logits_fn, ctx.retrieval, device, ctx.recipe["batch_size"])
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        with ctx.rt.autocast():
+            return logits_fn(ids).float()
+
+    loss = lm_loss(run, ctx.val_batches, device)
+    recalled, queries = retrieval_recall(run, ctx.retrieval, device, ctx.recipe["batch_size"])
     metrics = {"val_loss": loss, "val_ppl": float(torch.tensor(loss).exp()), "retrieval": recalled / queries,
                "retrieval_ci95": list(wilson_interval(recalled, queries))}
     if ctx.user_sets:
-        metrics["user"] = {s.name: answer_loss(logits_fn, s, device) for s in ctx.user_sets}
+        metrics["user"] = {s.name: answer_loss(run, s, device) for s in ctx.user_sets}
     return metrics
 
 
@@ -227,21 +243,44 @@ def sampled_layer_types(ctx: Context, step: int) -> list[str]:
 
 
 def stage_supernet(ctx: Context, stage_dir: Path, inputs: dict) -> dict:
+    """`transfer_steps` of layer-wise attention transfer (every JetBlock fitted to its
+    layer's attention output on the teacher's own hidden states: one teacher forward and
+    no backward through the model per step), then `steps` of once-for-all distillation."""
     net = build_supernet(ctx)
     settings = ctx.recipe["supernet"]
-    losses = ctx.train("supernet", stage_dir, net,
-                       lambda module, ids, step: module(ids, sampled_layer_types(ctx, step)),
-                       settings["steps"], settings["lr"], warmup=settings["warmup"])
+    result = {}
+    if settings["transfer_steps"]:
+        result["transfer_losses"] = ctx.fit("transfer", stage_dir / "transfer", net,
+                                            lambda module, ids, step: module(ids, None).sum(),
+                                            settings["transfer_steps"], settings["transfer_lr"],
+                                            warmup=settings["warmup"])
+        result["transfer_errors"] = transfer_errors(ctx, net)
+    result["losses"] = ctx.train("supernet", stage_dir, net,
+                                 lambda module, ids, step: module(ids, sampled_layer_types(ctx, step)),
+                                 settings["steps"], settings["lr"], warmup=settings["warmup"])
     if ctx.rt.is_main:
         save_atomic(net.jet_state_dict(), stage_dir / "jet_blocks.pt")
-    return {"losses": losses}
+    return result
+
+
+@torch.no_grad()
+def transfer_errors(ctx: Context, net: SuperNetwork) -> list[float]:
+    """Each layer's attention transfer error on the validation batches: how well its
+    JetBlock stands in for its attention, layer by layer (placement evidence)."""
+    net.eval()
+    with ctx.rt.autocast():
+        errors = sum(net(ids.to(ctx.rt.device), None) for ids in ctx.val_batches) / len(ctx.val_batches)
+    net.train()
+    return [round(float(e), 5) for e in errors]
 
 
 # ----- stage 2: placement search --------------------------------------------------------
 
 def stage_placement(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -> dict:
-    """Beam search: add `attn` layers one at a time (keeping `beam_width` best layouts),
-    then `swa` layers the same way; every layout scored with the super-network."""
+    """Single-layer ablations (and, with `pair_ablation`, every pair), then a beam search: add
+    `attn` layers one at a time (keeping `beam_width` best layouts), then `swa` layers the
+    same way, into the `candidate_layers` layers whose ablation scored best; every layout
+    scored with the super-network."""
     teacher_metrics = inputs["teacher"].result
     net = build_supernet(ctx)
     net.jet_blocks.load_state_dict(
@@ -264,34 +303,38 @@ def stage_placement(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput
                             val_loss=f"{metrics['val_loss']:.4f}")
         return evaluations[key]["score"]
 
-    budget, width = ctx.recipe["budget"], ctx.recipe["placement"]["beam_width"]
-    beam = [tuple(["jet"] * ctx.num_layers)]
-    steps = []
-    for kind in ["attn"] * budget["attn"] + ["swa"] * budget["swa"]:
-        expanded = {b[:i] + (kind,) + b[i + 1:] for b in beam for i in range(ctx.num_layers) if b[i] == "jet"}
-        ranked = sorted(expanded, key=lambda t: (-evaluate_layout(t), t))
-        steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
-        beam = ranked[:width]
-    best = list(beam[0])
+    settings = ctx.recipe["placement"]
+    budget, width = ctx.recipe["budget"], settings["beam_width"]
 
     def kept_as_attention(*layers: int) -> dict:
         t = tuple("attn" if i in layers else "jet" for i in range(ctx.num_layers))
         evaluate_layout(t)
         return evaluations[",".join(t)]
 
-    # the ablations: one layer kept as attention, all others JetBlocks; then every pair of
-    # layers (recall needs two attention layers whose heads compose, as induction heads do)
+    # the ablations: one layer kept as attention, all others JetBlocks; then, if asked, every
+    # pair of layers (recall needs two attention layers whose heads compose, as induction heads do)
     single = [{"layer": i, **kept_as_attention(i)} for i in range(ctx.num_layers)]
     pairs = [{"layers": [i, j], **kept_as_attention(i, j)}
-             for i, j in itertools.combinations(range(ctx.num_layers), 2)]
+             for i, j in itertools.combinations(range(ctx.num_layers), 2)] if settings["pair_ablation"] else []
+    # the beam places attention only where one kept layer helps most (all layers by default)
+    ranked_layers = sorted(range(ctx.num_layers), key=lambda i: (-single[i]["score"], i))
+    candidates = set(ranked_layers[:settings["candidate_layers"] or ctx.num_layers])
+    beam = [tuple(["jet"] * ctx.num_layers)]
+    steps = []
+    for kind in ["attn"] * budget["attn"] + ["swa"] * budget["swa"]:
+        expanded = {b[:i] + (kind,) + b[i + 1:] for b in beam for i in sorted(candidates) if b[i] == "jet"}
+        ranked = sorted(expanded, key=lambda t: (-evaluate_layout(t), t))
+        steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
+        beam = ranked[:width]
+    best = list(beam[0])
     extra = {}
     for name, types in (("uniform", uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"])),
                         ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
         evaluate_layout(tuple(types))
         extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
     bar.close()
-    return {"layer_types": best, "beam_steps": steps, "single_layer": single, "layer_pairs": pairs,
-            "supernet_layouts": extra}
+    return {"layer_types": best, "beam_steps": steps, "candidate_layers": sorted(candidates),
+            "single_layer": single, "layer_pairs": pairs, "supernet_layouts": extra}
 
 
 # ----- stage 3: block selection ---------------------------------------------------------

@@ -175,7 +175,11 @@ class SuperNetwork(nn.Module):
             p.requires_grad_(False)
         self.swa_window = swa_window
 
-    def forward(self, input_ids: torch.Tensor, layer_types: list[str]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, layer_types: list[str] | None) -> torch.Tensor:
+        """Logits of the layout `layer_types`; with None, the attention transfer errors
+        (`transfer_errors`). Both go through `forward`, so DDP sees either."""
+        if layer_types is None:
+            return self.transfer_errors(input_ids)
         model: JetNemotronModel = self.base.model
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = model.embed_tokens(input_ids)
@@ -188,6 +192,28 @@ class SuperNetwork(nn.Module):
                 x = x + layer.self_attn(h, positions, None)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.base.lm_head(model.norm(x)).float()
+
+    def transfer_errors(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Layer-wise attention transfer: the teacher runs unchanged, and each layer's JetBlock
+        reads that layer's normalised input and is scored against its attention's output,
+        by the squared error relative to the output's mean square. Returns the `[L]` errors;
+        gradients reach each JetBlock from its own layer only, none flows through the teacher."""
+        model: JetNemotronModel = self.base.model
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        errors = []
+        with torch.no_grad():
+            x = model.embed_tokens(input_ids)
+        for i, layer in enumerate(model.layers):
+            with torch.no_grad():
+                h = layer.input_layernorm(x)
+                layer.self_attn.window = None
+                target = layer.self_attn(h, positions, None).float()
+            out = self.jet_blocks[i](h, positions, None).float()
+            errors.append((out - target).pow(2).mean() / target.pow(2).mean().clamp_min(1e-12))
+            with torch.no_grad():
+                x = x + target.to(x.dtype)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return torch.stack(errors)
 
     def jet_state_dict(self) -> dict[str, torch.Tensor]:
         """Every layer's JetBlock under checkpoint names (`model.layers.i.self_attn.*`)."""

