@@ -26,7 +26,7 @@ import argparse
 import json
 import math
 import os
-import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -167,12 +167,20 @@ def speed(llm, vocab: int, prefill_len: int, new_tokens: int = 128) -> dict:
     return result
 
 
+def cpu_model() -> str:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    match = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    return match.group(1).strip() if match else "unknown"
+
+
 def evaluate(args) -> dict:
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import LLM
 
+    from vllm_jetnemotron.config import JetNemotronConfig
     from vllm_jetnemotron.converter.data import RetrievalTask, retrieval_set
 
+    AutoConfig.register(JetNemotronConfig.model_type, JetNemotronConfig)  # the tokenizer reads config.json
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     corpus = Path(args.data)
     prose, code = held_out_documents(corpus, "prose"), held_out_documents(corpus, "code")
@@ -187,7 +195,7 @@ def evaluate(args) -> dict:
                   "code": teacher_forced_quality(llm, windows_of(code_tokens, args.seq_len, args.tokens), None),
                   "recall": {**teacher_forced_quality(llm, None, retrieval), "task": task.__dict__},
                   "chat": chat_answers(llm, tokenizer, args.chat_max_tokens),
-                  "speed": {**speed(llm, len(tokenizer), args.prefill_len), "cpu": platform.processor(),
+                  "speed": {**speed(llm, len(tokenizer), args.prefill_len), "cpu": cpu_model(),
                             "cores": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}}
         print(json.dumps({k: result[k] for k in ("prose", "code", "recall", "speed")}, indent=1), flush=True)
     finally:
