@@ -20,8 +20,12 @@ _MARKER = "_jetnemotron_allocates_pipeline_buffers"
 
 
 def allocate_pipeline_buffers_on_cpu() -> None:
-    """Patch `CPUModelRunner.initialize_kv_cache` (idempotent)."""
-    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    """Patch `CPUModelRunner.initialize_kv_cache` (idempotent); nothing where vLLM has no such
+    runner (0.34 removed `v1/worker/cpu_model_runner.py`)."""
+    try:
+        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+    except ModuleNotFoundError:
+        return
 
     if CPUModelRunner.__dict__.get(_MARKER):
         return

@@ -19,9 +19,14 @@ logger = init_logger(__name__)
 
 
 def use_drafter_cache_group() -> None:
-    """Patch the model runner class (idempotent)."""
-    from vllm.v1.spec_decode.draft_model import DraftModelProposer
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    """Patch the model runner class (idempotent). vLLM 0.34 removed both modules (its Model
+    Runner V2 builds the drafter's metadata per KV-cache group): nothing to patch there."""
+    try:
+        from vllm.v1.spec_decode.draft_model import DraftModelProposer
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ModuleNotFoundError as missing:
+        logger.debug("Jet-Nemotron: no draft-model cache-group patch (%s: removed in this vLLM)", missing.name)
+        return
 
     build = GPUModelRunner._build_attention_metadata
     if getattr(build, "_uses_drafter_cache_group", False):
