@@ -73,7 +73,7 @@ def gguf_architecture(path: Path) -> str:
     try:
         reader = GGUFReader(str(path))
     except Exception as error:  # the reader raises ValueError, IndexError, struct errors, ...
-        raise GGUFImportError(f"{path} ({size} bytes) is not a readable GGUF file: "
+        raise GGUFImportError(f"{path} ({size} bytes) is truncated or not a GGUF file: "
                               f"{type(error).__name__}: {error}") from None
     last = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
     if last > size:

