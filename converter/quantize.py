@@ -43,6 +43,7 @@ from compressed_tensors.quantization import (
 )
 from compressed_tensors.quantization.utils import calculate_qparams
 from compressed_tensors.utils.match import match_named_modules
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from vllm_jetnemotron.config import JetNemotronConfig
@@ -115,12 +116,20 @@ def check_checkpoint(src: Path) -> None:
         JetNemotronConfig(**raw)
     except (ValueError, TypeError) as error:
         raise QuantizeError(f"{config_file}: {error}") from None
-    if not any(src.glob("*.safetensors")):
+    weight_files = sorted(src.glob("*.safetensors"))
+    if not weight_files:
         raise QuantizeError(f"{src} has no *.safetensors weights")
+    for file in weight_files:
+        try:
+            with safe_open(file, "pt"):  # reads the header, checks the file holds the tensors it lists
+                pass
+        except SafetensorError as error:
+            raise QuantizeError(f"{file} is truncated or not a safetensors file: {error}") from None
 
 
 def load_checkpoint(src: Path) -> torch.nn.Module:
-    """The reference model in the checkpoint's dtype; every tensor must be in the files."""
+    """The reference model in the checkpoint's dtype; every tensor must be in the files and
+    hold finite values."""
     from .modeling import JetNemotronForCausalLM
 
     model, info = JetNemotronForCausalLM.from_pretrained(src, dtype="auto", output_loading_info=True)
@@ -129,6 +138,11 @@ def load_checkpoint(src: Path) -> torch.nn.Module:
     if problems or info["error_msgs"]:
         details = "; ".join(f"{kind.replace('_', ' ')}: {', '.join(names)}" for kind, names in problems.items())
         raise QuantizeError(f"{src}: the weights do not match config.json ({details or info['error_msgs']})")
+    non_finite = [name for name, tensor in model.named_parameters() if not torch.isfinite(tensor).all()]
+    if non_finite:
+        more = f" and {len(non_finite) - 8} more" if len(non_finite) > 8 else ""
+        raise QuantizeError(f"{src}: NaN or infinite values in {len(non_finite)} tensor(s): "
+                            f"{', '.join(non_finite[:8])}{more}; was it written by a training run that diverged?")
     return model
 
 

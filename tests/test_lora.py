@@ -3,6 +3,7 @@ served by vLLM offline and through the OpenAI server. The oracle is the referenc
 model with the adapter merged into its weights (`merge_and_unload`)."""
 
 import os
+import shutil
 
 import httpx
 import openai
@@ -140,3 +141,37 @@ def test_an_adapter_that_does_not_fit_is_refused_and_serving_goes_on(
     assert "misfit" not in {m.id for m in client.models.list().data}
     assert completion_ids(client, "all-linear", PROMPTS[0]) == adapters["all-linear"][1][0]
     assert completion_ids(client, "jet-tiny", PROMPTS[0]) == adapters[None][1][0]
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, "adapter_config.json is not valid JSON: Unterminated string starting at: line 3"),
+    ("[4]", "adapter_config.json must hold a JSON object, got list"),
+    ('{"r": 4}', "adapter_config.json: Missing required configuration fields"),
+], ids=["truncated", "not-an-object", "fields-missing"])
+def test_an_adapter_config_vllm_cannot_read_is_a_client_error(server, client, adapters, tmp_path, config, message):
+    """A 400 naming the adapter and the file (vLLM gave a 500 with the JSON parser's message);
+    serving goes on."""
+    path = tmp_path / "adapter"
+    shutil.copytree(adapters["all-linear"][0], path)
+    config_file = path / "adapter_config.json"
+    config_file.write_text(config_file.read_text()[:40] if config is None else config)
+    response = httpx.post(f"{server}/v1/load_lora_adapter", timeout=120,
+                          json={"lora_name": "corrupt", "lora_path": str(path)})
+    assert response.status_code == 400, response.text
+    assert "LoRA adapter 'corrupt' at " in response.text and message in response.text, response.text
+    assert "corrupt" not in {m.id for m in client.models.list().data}
+    assert completion_ids(client, "all-linear", PROMPTS[0]) == adapters["all-linear"][1][0]
+    assert completion_ids(client, "jet-tiny", PROMPTS[0]) == adapters[None][1][0]
+
+
+def test_the_adapter_config_fix_is_needed_and_installed():
+    """The probe finds the bug in the installed vLLM's load-request check (so the patch is still
+    needed) and not in the patched check."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+    from vllm_jetnemotron import lora_adapter_config as fix
+
+    fix.install()
+    current = OpenAIServingModels._check_load_lora_adapter_request
+    assert fix.needs_fix(getattr(current, fix.UPSTREAM_ATTR, current))
+    assert getattr(current, fix._MARKER, False) and not fix.needs_fix(current)

@@ -165,13 +165,21 @@ def test_group_must_divide_in_features(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
-def _without_tensor(src: Path, dst: Path, name: str) -> None:
+def _copy_checkpoint(src: Path, dst: Path, edit_tensors=None) -> None:
+    """Checkpoint `src` copied to `dst`, its tensors (a dict) changed by `edit_tensors`."""
     dst.mkdir()
     for f in src.iterdir():
         dst.joinpath(f.name).write_bytes(f.read_bytes())
-    tensors = load_file(dst / "model.safetensors")
-    del tensors[name]
-    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if edit_tensors is not None:
+        tensors = load_file(dst / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def _diverged(tensors: dict[str, torch.Tensor]) -> None:
+    """A NaN in the JetBlock's o_proj and an infinity in the final norm."""
+    tensors["model.layers.0.self_attn.o_proj.weight"][3, 5] = float("nan")
+    tensors["model.norm.weight"][-1] = float("inf")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -184,6 +192,10 @@ def _without_tensor(src: Path, dst: Path, name: str) -> None:
     ("other_model", "has model_type 'qwen2', expected 'jet_nemotron'"),
     ("bad_config", "config.json: hidden_size must be of type int, got '256'"),
     ("missing_tensor", "missing keys: model.layers.1.mlp.down_proj.weight"),
+    ("truncated", "bad/model.safetensors is truncated or not a safetensors file: Error while deserializing "
+                  "header: incomplete metadata, file not fully covered"),
+    ("non_finite", "bad: NaN or infinite values in 2 tensor(s): model.layers.0.self_attn.o_proj.weight, "
+                   "model.norm.weight; was it written by a training run that diverged?"),
     ("already_quantized", "is already quantized"),
     ("existing_out", "already exists; remove it or choose a new folder"),
 ])
@@ -206,7 +218,15 @@ def test_bad_input_stops_with_a_message(checkpoint, quantized, tmp_path, capsys,
             (src / "config.json").write_text(json.dumps(config))
     elif case == "missing_tensor":
         src = tmp_path / "bad"
-        _without_tensor(checkpoint, src, "model.layers.1.mlp.down_proj.weight")
+        _copy_checkpoint(checkpoint, src, lambda tensors: tensors.pop("model.layers.1.mlp.down_proj.weight"))
+    elif case == "truncated":
+        src = tmp_path / "bad"
+        _copy_checkpoint(checkpoint, src)
+        weights = src / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif case == "non_finite":
+        src = tmp_path / "bad"
+        _copy_checkpoint(checkpoint, src, _diverged)
     elif case == "already_quantized":
         src = quantized["w8a8"]
     elif case == "existing_out":
@@ -218,7 +238,7 @@ def test_bad_input_stops_with_a_message(checkpoint, quantized, tmp_path, capsys,
     last = err.strip().splitlines()[-1]
     assert last.startswith("jet-nemotron-convert quantize: error: ") and message in last, err
     assert "Traceback" not in err
-    if case != "missing_tensor":  # transformers prints its load report first
+    if case not in ("missing_tensor", "non_finite"):  # transformers prints its loading output first
         assert err.strip() == last
     assert set(tmp_path.iterdir()) == before  # no OUT, no temporary folder
 

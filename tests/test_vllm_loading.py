@@ -124,6 +124,22 @@ def test_wrong_shape_names_tensor_and_both_shapes(checkpoint_copy, capfd):
     assert_engine_error_mentions(error, capfd, f"{name!r} has shape (3,) but config.json implies (2,)")
 
 
+def test_non_finite_weights_are_refused_by_name(checkpoint_copy, capfd):
+    """A checkpoint from a training run that diverged is not served (it gave '!!!!' and NaN
+    log-probs): the error names the folder and each tensor holding NaN or an infinity."""
+    nan, inf = "model.layers.2.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight"
+
+    def diverge(tensors):
+        tensors[nan][5, 7] = float("nan")
+        tensors[inf][0, -1] = float("-inf")
+
+    rewrite_weights(checkpoint_copy, diverge)
+    with pytest.raises(Exception) as error, running_llm(str(checkpoint_copy)):
+        pass
+    assert_engine_error_mentions(error, capfd, f"checkpoint {checkpoint_copy} has NaN or infinite values in "
+                                               f"2 tensor(s): {inf}, {nan}. Was it written by a training run")
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda config: config["layer_types"].__setitem__(1, "mamba"), r"layer_types\[1\] is 'mamba'"),
     (lambda config: config.__setitem__("hidden_size", "256"), r"hidden_size must be of type int, got '256'"),

@@ -207,6 +207,22 @@ _QUANTIZED_TENSOR = re.compile(
     r"|input_scale|input_zero_point)$")
 
 
+def holds_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether a checkpoint tensor holds NaN or an infinity (integer tensors cannot). Its sum
+    is finite unless it does or the sum overflows, which the exact check tells apart: one
+    pass with no tensor-sized temporary for the finite tensors of a healthy checkpoint."""
+    if not tensor.is_floating_point():
+        return False
+    if tensor.element_size() == 1:
+        tensor = tensor.float()  # float8: no sum or isfinite on CPU
+    return not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all()
+
+
+def listed(names: list[str], limit: int, sep: str = ", ") -> str:
+    """The first `limit` of `names` and how many more there are."""
+    return sep.join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3, SupportsLoRA,
                              SupportsPP):
     # vLLM layer -> the checkpoint's layers it holds: how LoRA adapters and quantization
@@ -292,18 +308,21 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3,
             if found != expected[name]:
                 misfits.append(f"{module} is {found}, the model's {expected[name]}")
         if misfits:
-            shown = "; ".join(misfits[:4]) + (f" and {len(misfits) - 4} more" if len(misfits) > 4 else "")
             raise ValueError(f"LoRA adapter {path} does not fit this model (layer shapes as "
-                             f"(out, in)): {shown}. Was it trained for another model?")
+                             f"(out, in)): {listed(misfits, 4, '; ')}. Was it trained for another model?")
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load official-format tensors, checking each name and shape against the config
-        (a quantized linear by its int8 `weight` or its `weight_shape`)."""
+        (a quantized linear by its int8 `weight` or its `weight_shape`) and that each holds
+        finite values."""
         expected = checkpoint_tensor_shapes(self.config)
         params = dict(self.named_parameters())
         quantized = self.vllm_config.quant_config is not None
         loaded: set[str] = set()
+        non_finite: list[str] = []
         for name, weight in weights:
+            if holds_non_finite(weight):
+                non_finite.append(name)
             match = _QUANTIZED_TENSOR.match(name) if quantized else None
             if match and f"{match['linear']}.weight" in expected:
                 shape = expected[f"{match['linear']}.weight"]
@@ -327,8 +346,12 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3,
             loaded.add(name)
         missing = sorted(set(expected) - loaded)
         if missing:
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
-            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config needs: {shown}")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config needs: "
+                             f"{listed(missing, 8)}")
+        if non_finite:
+            raise ValueError(f"checkpoint {self.vllm_config.model_config.model} has NaN or infinite "
+                             f"values in {len(non_finite)} tensor(s): {listed(non_finite, 8)}. Was it "
+                             f"written by a training run that diverged?")
         return set(params)
 
     def _load_tensor(self, name: str, weight: torch.Tensor, params: dict[str, nn.Parameter]) -> None:
