@@ -39,9 +39,9 @@ registered with the fixed function, and processes that never build a worker (the
 pay nothing.
 """
 
-import importlib.abc
-import importlib.machinery
 import sys
+
+from .import_hooks import patch_when_imported
 
 UTILS_MODULE = "vllm.utils.cpu_triton_utils"
 IMPL_NAME = "_expand_kernel_impl"
@@ -97,11 +97,7 @@ def _load_kernels() -> None:
 
 def install() -> None:
     """Fix `cpu_triton_utils` now if it is loaded, else as soon as it is."""
-    module = sys.modules.get(UTILS_MODULE)
-    if module is not None:
-        patch_module(module)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_when_imported(UTILS_MODULE, patch_module)
 
 
 def patch_module(module) -> bool:
@@ -148,30 +144,3 @@ def _rebind_registered_override(upstream, fixed) -> None:
         original, _ = dispatcher._registry.get(KERNEL_NAME, (None, None))
         if original is not None:
             dispatcher._registry[KERNEL_NAME] = (original, fixed)
-
-
-class _Loader(importlib.abc.Loader):
-    """The module's own loader, then `patch_module` on the loaded module."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        patch_module(module)
-
-    def __getattr__(self, name):  # get_source, get_filename, ... for inspect and linecache
-        return getattr(self._loader, name)
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname != UTILS_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec

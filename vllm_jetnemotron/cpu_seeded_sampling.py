@@ -30,9 +30,7 @@ model runner (the API server) pay nothing, and worker processes, which load the 
 before importing their worker class, get it before the first step.
 """
 
-import importlib.abc
-import importlib.machinery
-import sys
+from .import_hooks import patch_when_imported
 
 RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 _MARKER = "_jetnemotron_seeded_sampling_fix"
@@ -42,11 +40,7 @@ _REWIND_NAMES = {"discard_request_mask", "generators", "get_offset", "set_offset
 
 def install() -> None:
     """Fix `CPUModelRunner` now if its module is loaded, else as soon as it is."""
-    module = sys.modules.get(RUNNER_MODULE)
-    if module is not None:
-        patch_runner_class(module.CPUModelRunner)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_when_imported(RUNNER_MODULE, lambda module: patch_runner_class(module.CPUModelRunner))
 
 
 def needs_fix(runner_cls) -> bool:
@@ -121,30 +115,3 @@ def patch_runner_class(runner_cls) -> bool:
         "Jet-Nemotron: seeded sampling on CPU restores generator states after partial "
         "prefill steps (vLLM's offset rewind in _bookkeeping_sync needs a CUDA generator).")
     return True
-
-
-class _Loader(importlib.abc.Loader):
-    """The module's own loader, then `patch_runner_class` on the loaded module."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        patch_runner_class(module.CPUModelRunner)
-
-    def __getattr__(self, name):  # get_source, get_filename, ... for inspect and linecache
-        return getattr(self._loader, name)
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname != RUNNER_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec

@@ -22,9 +22,7 @@ request through. `install()` is idempotent; it patches the class at once if its 
 imported, otherwise when it is (an import hook): only the API server imports it.
 """
 
-import importlib.abc
-import importlib.machinery
-import sys
+from .import_hooks import patch_when_imported
 
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 CHECK_NAME = "_check_load_lora_adapter_request"
@@ -83,11 +81,7 @@ def needs_fix(check) -> bool:
 
 def install() -> None:
     """Fix `OpenAIServingModels` now if its module is loaded, else as soon as it is."""
-    module = sys.modules.get(SERVING_MODULE)
-    if module is not None:
-        patch_class(module.OpenAIServingModels)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    patch_when_imported(SERVING_MODULE, lambda module: patch_class(module.OpenAIServingModels))
 
 
 def patch_class(models_cls) -> bool:
@@ -119,30 +113,3 @@ def patch_class(models_cls) -> bool:
     setattr(_check_load_lora_adapter_request, UPSTREAM_ATTR, upstream)
     setattr(models_cls, CHECK_NAME, _check_load_lora_adapter_request)
     return True
-
-
-class _Loader(importlib.abc.Loader):
-    """The module's own loader, then `patch_class` on the loaded module's class."""
-
-    def __init__(self, loader):
-        self._loader = loader
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        self._loader.exec_module(module)
-        patch_class(module.OpenAIServingModels)
-
-    def __getattr__(self, name):  # get_source, get_filename, ... for inspect and linecache
-        return getattr(self._loader, name)
-
-
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname, path, target=None):
-        if fullname != SERVING_MODULE:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _Loader(spec.loader)
-        return spec
