@@ -105,7 +105,7 @@ def main() -> None:
         loss16 = F.cross_entropy(bf16[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         result["teacher_loss"] = {"float32": float(loss32), "bfloat16": float(loss16),
                                   "relative_gap": float(loss16 / loss32 - 1),
-                                  "kl_bf16_from_fp32": float(kl_distillation_loss(bf16, fp32)) / args.batch * n / n}
+                                  "kl_per_token_bf16_from_fp32": float(kl_distillation_loss(bf16, fp32))}
         with autocast(False):
             transfer32 = net(ids, None)
         with autocast(True):
