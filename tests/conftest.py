@@ -38,10 +38,9 @@ if _XDIST_WORKER.startswith("gw") and "VLLM_CPU_OMP_THREADS_BIND" not in os.envi
 # keeps the two processes busy to the end. Modules not listed run after these.
 LONGEST_MODULES_FIRST = [
     "test_quantized_vllm", "test_converter", "test_vllm_loading", "test_speculative_decoding", "test_real_model",
-    "test_examples",
-    "test_engine_behaviour", "test_lora", "test_seeded_sampling", "test_short_names", "test_triton_vs_vllm_fla",
-    "test_lm_eval", "test_openai_server", "test_vllm_parity", "test_triton_kernels", "test_server_process",
-    "test_demo_checkpoint",
+    "test_examples", "test_engine_behaviour", "test_lora", "test_seeded_sampling", "test_short_names",
+    "test_triton_vs_vllm_fla", "test_lm_eval", "test_openai_server", "test_vllm_parity", "test_triton_kernels",
+    "test_server_process", "test_demo_checkpoint",
 ]
 
 
