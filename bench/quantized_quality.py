@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -49,30 +48,17 @@ def held_out_data(tokenizer: str, corpus: str, recipe_path: str, windows: int | 
 
 def quality(checkpoint: str, val, retrieval, kv_bytes: int) -> dict:
     """Perplexity over `val` and retrieval accuracy (queries recalled exactly), in vLLM."""
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from vllm_jetnemotron.converter.training import wilson_interval
+    from evaluate import teacher_forced_quality
 
     llm = LLM(model=checkpoint, kv_cache_memory_bytes=kv_bytes, max_model_len=val.shape[1] + 8, seed=0)
     try:
-        params = SamplingParams(max_tokens=1, prompt_logprobs=1, temperature=0.0)
-        prompts = [{"prompt_token_ids": row.tolist()} for row in val]
-        nll, count = 0.0, 0
-        for row, out in zip(val, llm.generate(prompts, params)):
-            for token, logprobs in zip(row.tolist()[1:], out.prompt_logprobs[1:]):
-                nll -= logprobs[token].logprob
-                count += 1
-        prompts = [{"prompt_token_ids": row.tolist()} for row in retrieval.input_ids]
-        correct, total = 0, 0
-        for row, positions, out in zip(retrieval.input_ids, retrieval.value_positions, llm.generate(prompts, params)):
-            for query in positions.tolist():  # a query is recalled when every value token is the top-1
-                correct += all(out.prompt_logprobs[p][int(row[p])].rank == 1 for p in query)
-                total += 1
+        r = teacher_forced_quality(llm, val, retrieval)
     finally:
         llm.llm_engine.engine_core.shutdown()
-    accuracy = correct / total
-    return {"val_ppl": math.exp(nll / count), "val_tokens": count, "retrieval": accuracy,
-            "retrieval_ci95": list(wilson_interval(correct, total)), "retrieval_queries": total}
+    return {"val_ppl": r["ppl"], "val_tokens": r["tokens"], "retrieval": r["retrieval"],
+            "retrieval_ci95": r["retrieval_ci95"], "retrieval_queries": r["retrieval_queries"]}
 
 
 def main() -> None:
