@@ -116,6 +116,7 @@ def import_gguf(source: str, out: Path, dtype: str = "float32") -> Path:
                if not (config.tie_word_embeddings and name == "lm_head.weight")}
     with folder_written_atomically(out) as tmp:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt", "source": path.name})
+        (tmp / "model.safetensors").chmod(0o644)  # safetensors writes 0600, as a private temporary
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
