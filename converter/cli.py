@@ -106,6 +106,11 @@ def validate_inputs(recipe: dict) -> dict:
     if budget["attn"] + budget["swa"] > layers:
         raise RecipeError(f"budget asks for {budget['attn']} attn + {budget['swa']} swa layers but the teacher "
                           f"{recipe['teacher']} has only {layers} layers")
+    candidates = recipe["placement"]["candidate_layers"]
+    if candidates is not None and candidates < budget["attn"] + budget["swa"]:
+        raise RecipeError(f"placement.candidate_layers {candidates} leaves no room for the budget's "
+                          f"{budget['attn']} attn + {budget['swa']} swa layers; set it to at least "
+                          f"{budget['attn'] + budget['swa']}")
     problem = aux_layers_problem(recipe["eagle3"]["aux_layers"] or default_aux_layers(layers), layers)
     if problem:
         raise RecipeError(f"eagle3.aux_layers {problem} for the teacher {recipe['teacher']}; set eagle3.aux_layers")

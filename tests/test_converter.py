@@ -286,6 +286,7 @@ TEACHER_EDITS = {
 
 RECIPE_EDITS = {  # dotted key -> value written into the recipe file
     "deep_draft": ("draft.num_layers", 2),
+    "candidates": ("placement.candidate_layers", 1),
     "steps_as_text": ("supernet.steps", "many"),
     "window_as_text": ("budget.swa_window", "big"),
     "heads_as_text": ("jet.num_heads", "four"),
@@ -334,6 +335,7 @@ def _edited_recipe(tmp_path, key, value) -> str:
     ("layers_as_text", "config.json: num_hidden_layers is 'four': Input should be a valid integer"),
     ("missing_teacher", "does not exist"),
     ("budget", "budget asks for 5 attn + 1 swa layers but the teacher"),
+    ("candidates", "placement.candidate_layers 1 leaves no room for the budget's 1 attn + 1 swa layers"),
     ("empty_folder", "holds no text files"),
     ("empty_file", "at least"),
     ("missing_data", "data path"),
