@@ -165,6 +165,8 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
         user_sets = [read_user_eval(p, recipe["teacher"], recipe["seq_len"]) for p in recipe["eval"]["files"]]
         task = RetrievalTask.from_recipe(recipe["retrieval"])
         retrieval = retrieval_set(tokens.val, recipe["retrieval"]["samples"], recipe["seq_len"], task, recipe["seed"])
+        training = TrainingData(tokens.train, task, recipe["retrieval"]["train_share"], tokens.spans)
+        final_training = training.mixed(recipe["final"]["data_mix"], recipe["seq_len"])
     except DataError:
         if new_workdir and rt.is_main:  # unusable data: leave no workdir behind
             for handler in log.handlers:
@@ -187,7 +189,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     teacher_tensors = teacher_state_dict(teacher)
     ctx = stages.Context(
         recipe=recipe, rt=rt, workdir=workdir, teacher_config=teacher_config, teacher=teacher,
-        teacher_tensors=teacher_tensors, training=TrainingData(tokens.train, task, recipe["retrieval"]["train_share"]),
+        teacher_tensors=teacher_tensors, training=training, final_training=final_training,
         val_batches=validation_batches(tokens.val, recipe["placement"]["eval_batches"], recipe["batch_size"],
                                        recipe["seq_len"]),
         retrieval=retrieval, user_sets=user_sets,

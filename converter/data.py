@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,22 +37,28 @@ def list_text_files(sources: list[str]) -> list[Path]:
     return files
 
 
+def source_name(file: Path, source: Path) -> str:
+    """How a data mix names a file: its path inside the source folder, or its file name."""
+    return file.relative_to(source).as_posix() if source.is_dir() else file.name
+
+
 def read_documents(sources: list[str]):
-    """Yield documents: lines of .jsonl files (field `text`), whole other files, or the
-    `text` column of a `datasets` dataset when a source is not a local path
+    """Yield (source name, document): lines of .jsonl files (field `text`), whole other
+    files, or the `text` column of a `datasets` dataset when a source is not a local path
     (`name` or `name:config`, split `train`)."""
     for source in sources:
         path = Path(source)
         if path.exists():
             for file in list_text_files([source]):
+                name = source_name(file, path)
                 if file.suffix == ".jsonl":
                     for line in file.read_text(errors="replace").splitlines():
                         if line.strip():
                             record = json.loads(line)
                             if isinstance(record, dict) and record.get("text"):
-                                yield record["text"]
+                                yield name, record["text"]
                 else:
-                    yield file.read_text(errors="replace")
+                    yield name, file.read_text(errors="replace")
             continue
         if "/" in source or source.startswith(".") or source.endswith(TEXT_SUFFIXES):
             raise DataError(f"data path {source} does not exist")
@@ -64,7 +70,7 @@ def read_documents(sources: list[str]):
         name, _, config = source.partition(":")
         for record in datasets.load_dataset(name, config or None, split="train", streaming=True):
             if record.get("text"):
-                yield record["text"]
+                yield source, record["text"]
 
 
 def _fingerprint(sources: list[str], tokenizer_dir: str, max_tokens: int) -> str:
@@ -79,6 +85,7 @@ def _fingerprint(sources: list[str], tokenizer_dir: str, max_tokens: int) -> str
 class TokenData:
     train: torch.Tensor  # [N] int64, documents joined by eos
     val: torch.Tensor
+    spans: dict[str, tuple[int, int]]  # source name -> [start, end) of its tokens in `train`
 
 
 def tokenize_corpus(sources: list[str], tokenizer_dir: str, cache_dir: Path, seq_len: int,
@@ -91,16 +98,21 @@ def tokenize_corpus(sources: list[str], tokenizer_dir: str, cache_dir: Path, seq
     cache = cache_dir / f"tokens-{_fingerprint(sources, tokenizer_dir, max_tokens)}.pt"
     if cache.is_file():
         tokens = torch.load(cache)
-        return TokenData(tokens["train"], tokens["val"])
+        if "spans" in tokens:  # caches written before data mixes lack them: tokenised again
+            return TokenData(tokens["train"], tokens["val"], tokens["spans"])
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     ids: list[int] = []
-    for doc in read_documents(sources):
+    starts: dict[str, int] = {}
+    ends: dict[str, int] = {}
+    for name, doc in read_documents(sources):
         if not doc.strip():
             continue
+        starts.setdefault(name, len(ids))
         ids += tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+        ends[name] = len(ids)
         if len(ids) >= max_tokens:
             break
     needed = 4 * seq_len + 2
@@ -109,11 +121,13 @@ def tokenize_corpus(sources: list[str], tokenizer_dir: str, cache_dir: Path, seq
                         f"(4 x seq_len + 2) are needed")
     tokens = torch.tensor(ids[:max_tokens], dtype=torch.int64)
     n_val = max(2 * seq_len + 2, int(len(tokens) * val_fraction))
-    data = TokenData(train=tokens[:-n_val], val=tokens[-n_val:])
+    n_train = len(tokens) - n_val
+    spans = {name: (start, min(ends[name], n_train)) for name, start in starts.items() if start < n_train}
+    data = TokenData(train=tokens[:n_train], val=tokens[n_train:], spans=spans)
     if write:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        torch.save({"train": data.train, "val": data.val}, tmp)
+        torch.save({"train": data.train, "val": data.val, "spans": data.spans}, tmp)
         tmp.replace(cache)
     log.info("tokenised %d training and %d validation tokens", len(data.train), len(data.val))
     return data
@@ -126,10 +140,20 @@ def step_generator(seed: int, *keys) -> torch.Generator:
 
 
 def train_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, stage: str,
-                step: int, rank: int = 0) -> torch.Tensor:
-    """`[batch_size, seq_len]` random windows of `tokens`, fixed by (seed, stage, step, rank)."""
+                step: int, rank: int = 0, mix: tuple[tuple[float, int, int], ...] = ()) -> torch.Tensor:
+    """`[batch_size, seq_len]` random windows of `tokens`, fixed by (seed, stage, step, rank).
+    `mix`: (share, start, end) per mixed source: a row falls in that span with that
+    probability, and anywhere in `tokens` otherwise."""
     g = step_generator(seed, stage, step, rank)
     starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=g)
+    if mix:
+        draws = torch.rand(batch_size, generator=step_generator(seed, stage, step, rank, "mix"))
+        offsets = torch.rand(batch_size, generator=g)
+        low = 0.0
+        for share, start, end in mix:
+            rows = (draws >= low) & (draws < low + share)
+            starts[rows] = start + (offsets[rows] * (end - seq_len - start + 1)).long()
+            low += share
     return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
 
 
@@ -212,12 +236,33 @@ class TrainingData:
     tokens: torch.Tensor  # [N] int64
     retrieval: RetrievalTask | None = None
     retrieval_share: float = 0.0
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # TokenData.spans
+    mix: tuple[tuple[float, int, int], ...] = ()  # (share, start, end) per mixed source
 
     def __post_init__(self):
         self.vocabulary = record_vocabulary(self.tokens) if self.retrieval and self.retrieval_share else None
 
+    def mixed(self, shares: dict[str, float], seq_len: int) -> "TrainingData":
+        """The same data with `shares` of the windows drawn from the named sources (the
+        rest from all tokens, so a source also keeps its natural share of those)."""
+        if not shares:
+            return self
+        mix = []
+        for name, share in shares.items():
+            if name not in self.spans:
+                raise DataError(f"data mix source {name!r} is not in the training data; its sources are "
+                                f"{sorted(self.spans)}")
+            start, end = self.spans[name]
+            if end - start < seq_len:
+                raise DataError(f"data mix source {name!r} has {end - start} training tokens, fewer than "
+                                f"seq_len {seq_len}")
+            mix.append((share, start, end))
+        mixed = TrainingData(self.tokens, self.retrieval, self.retrieval_share, self.spans, tuple(mix))
+        mixed.vocabulary = self.vocabulary
+        return mixed
+
     def batch(self, batch_size: int, seq_len: int, seed: int, stage: str, step: int, rank: int = 0) -> torch.Tensor:
-        ids = train_batch(self.tokens, batch_size, seq_len, seed, stage, step, rank)
+        ids = train_batch(self.tokens, batch_size, seq_len, seed, stage, step, rank, self.mix)
         count = round(self.retrieval_share * batch_size) if self.vocabulary is not None else 0
         if count:
             self.retrieval.check(seq_len)

@@ -53,8 +53,8 @@ STAGES = (
     Stage("baselines", "5-baselines", EVAL_KEYS + ("budget", "jet", "final", "baselines"),
           ("supernet", "blocks", "hardware")),
     Stage("draft", "6-draft", EVAL_KEYS + ("budget.swa_window", "jet", "draft.num_layers", "draft.steps",
-                                           "draft.lr"), ("final",)),
-    Stage("eagle3", "6-eagle3", EVAL_KEYS + ("eagle3",), ("final",)),
+                                           "draft.lr", "final.data_mix"), ("final",)),
+    Stage("eagle3", "6-eagle3", EVAL_KEYS + ("eagle3", "final.data_mix"), ("final",)),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 BY_NAME = {s.name: s for s in STAGES}

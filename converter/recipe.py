@@ -128,6 +128,17 @@ class Final(Supernet):
     steps: NonNegativeInt = 300
     lr: PositiveFloat = 5e-4
     trainable: Literal["all", "mixers"] = "all"
+    # share of the training windows drawn from a named data file (its path inside a `data`
+    # folder, or its file name), here and for the draft and EAGLE-3 heads; the rest of the
+    # windows come from all the data, e.g. {chat.jsonl: 0.25} to teach a chat format
+    data_mix: dict[str, Annotated[Number, Field(gt=0, le=1)]] = {}
+
+    @field_validator("data_mix")
+    @classmethod
+    def _shares_fit(cls, value: dict[str, float]) -> dict[str, float]:
+        if sum(value.values()) > 1:
+            raise ValueError(f"the shares add up to {sum(value.values()):g}; at most 1")
+        return value
 
 
 class Baselines(_Section):

@@ -56,6 +56,7 @@ class Context:
     teacher: nn.Module  # Hugging Face model, frozen
     teacher_tensors: dict[str, torch.Tensor]
     training: TrainingData
+    final_training: TrainingData  # with final.data_mix: the served model's and its drafters' data
     val_batches: list[torch.Tensor]
     retrieval: RetrievalSet
     user_sets: list[UserEvalSet]
@@ -75,7 +76,7 @@ class Context:
         return self.teacher(input_ids=ids).logits.float()
 
     def train(self, name: str, stage_dir: Path, model: nn.Module, student_logits, steps: int, lr: float,
-              teacher_logits=None, warmup: int = 10) -> list[float]:
+              teacher_logits=None, warmup: int = 10, data: TrainingData | None = None) -> list[float]:
         """Distil `student_logits(module, ids, step)` towards `teacher_logits(ids)` (KL)."""
         target_logits = teacher_logits or self.teacher_logits
 
@@ -84,13 +85,13 @@ class Context:
                 target = target_logits(ids)
             return kl_distillation_loss(student_logits(module, ids, step), target)
 
-        return self.fit(name, stage_dir, model, distillation, steps, lr, warmup)
+        return self.fit(name, stage_dir, model, distillation, steps, lr, warmup, data)
 
     def fit(self, name: str, stage_dir: Path, model: nn.Module, loss_fn, steps: int, lr: float,
-            warmup: int = 10) -> list[float]:
+            warmup: int = 10, data: TrainingData | None = None) -> list[float]:
         r = self.recipe
-        return run_training(name, stage_dir, model, loss_fn, self.training, self.rt, steps, lr, r["batch_size"],
-                            r["seq_len"], r["save_every"], warmup=min(warmup, max(1, steps // 5)))
+        return run_training(name, stage_dir, model, loss_fn, data or self.training, self.rt, steps, lr,
+                            r["batch_size"], r["seq_len"], r["save_every"], warmup=min(warmup, max(1, steps // 5)))
 
 
 @dataclass(frozen=True)
@@ -449,7 +450,7 @@ def distil_layout(ctx: Context, stage_dir: Path, name: str, layer_types: list[st
     model = build_student(config, ctx.teacher_tensors, block, sources, seed=ctx.rt.seed).to(ctx.rt.device)
     set_trainable(model, settings["trainable"])
     losses = ctx.train(name, stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
-                       steps, settings["lr"], warmup=settings["warmup"])
+                       steps, settings["lr"], warmup=settings["warmup"], data=ctx.final_training)
     metrics = evaluate(ctx, model_logits(model))
     if ctx.rt.is_main:
         save_atomic({"config": config.to_dict(), "state_dict": {n: t.cpu() for n, t in model.state_dict().items()}},
@@ -507,7 +508,7 @@ def stage_draft(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) -
         p.requires_grad_(False)
     losses = ctx.train("draft", stage_dir, model, lambda module, ids, step: module(input_ids=ids).logits,
                        settings["steps"], settings["lr"],
-                       teacher_logits=lambda ids: target(input_ids=ids).logits.float())
+                       teacher_logits=lambda ids: target(input_ids=ids).logits.float(), data=ctx.final_training)
     metrics = evaluate(ctx, model_logits(model))
     acceptance = draft_agreement(model, target, ctx)
     if ctx.rt.is_main:
@@ -543,7 +544,7 @@ def stage_eagle3(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput]) 
     target_pass = TargetPass(target, head.aux_layers, steps)
     losses = ctx.train("eagle3", stage_dir, head, lambda module, ids, step: module(*target_pass.inputs(ids), steps),
                        settings["steps"], settings["lr"], teacher_logits=target_pass.logits,
-                       warmup=settings["warmup"])
+                       warmup=settings["warmup"], data=ctx.final_training)
     agreement = eagle3_agreement(head, target_pass, ctx)
     prompts = [row[:ctx.recipe["seq_len"] // 4].tolist() for batch in ctx.val_batches for row in batch]
     prompts = prompts[:settings["eval_prompts"]]

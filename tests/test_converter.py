@@ -298,6 +298,8 @@ RECIPE_EDITS = {  # dotted key -> value written into the recipe file
     "retrieval_share": ("retrieval.train_share", 1.5),
     "aux_layers_repeated": ("eagle3.aux_layers", [1, 1, 2]),
     "aux_layers_deep": ("eagle3.aux_layers", [1, 2, 5]),
+    "mix_unknown_source": ("final.data_mix", {"chat.jsonl": 0.5}),
+    "mix_shares": ("final.data_mix", {"stdlib.jsonl": 0.7, "other.jsonl": 0.6}),
 }
 
 
@@ -345,13 +347,17 @@ def _edited_recipe(tmp_path, key, value) -> str:
     ("heads_as_text", "recipe key jet.num_heads = 'four': Input should be a valid integer"),
     ("val_fraction", "recipe key val_fraction = 2.0: Input should be less than 1"),
     ("device", "recipe key device = 'tpu': expected auto, cpu, cuda or cuda:N"),
-    ("unknown_key", "unknown recipe key 'final.stepz'; known keys here: ['lr', 'steps', 'trainable', 'warmup']"),
+    ("unknown_key", "unknown recipe key 'final.stepz'; known keys here: ['data_mix', 'lr', 'steps', 'trainable', 'warmup']"),
     ("retrieval_too_long", "seq_len 64 is too short for 20 retrieval records of 6 tokens"),
     ("retrieval_queries", "retrieval queries (3) cannot exceed pairs (2)"),
     ("retrieval_share", "recipe key retrieval.train_share = 1.5: Input should be less than or equal to 1"),
     ("aux_layers_repeated", "recipe key eagle3.aux_layers = [1, 1, 2]: expected three distinct layer indices"),
     ("aux_layers_deep", "eagle3.aux_layers [1, 2, 5]: expected three distinct residual-stream indices in [0, 4]"),
     ("yaml_syntax", "recipe.yaml: YAML syntax error at line 2, column"),
+    ("mix_unknown_source", "data mix source 'chat.jsonl' is not in the training data; its sources are "
+                           "['stdlib.jsonl']"),
+    ("mix_shares", "recipe key final.data_mix = {'other.jsonl': 0.6, 'stdlib.jsonl': 0.7}: the shares add up "
+                   "to 1.3; at most 1"),
     ("unknown_lm_eval_task", "eval.lm_eval_tasks: ['no_such_task'] not found among lm-eval's tasks"),
 ])
 def test_bad_input_stops_with_a_message(teacher, tmp_path, capsys, case, message):
@@ -432,6 +438,39 @@ def test_retrieval_prompts_are_solvable_only_by_copying_and_held_out(teacher, tm
             tail = row[-task.queries * task.record_len:].view(task.queries, task.record_len)
             assert not {tuple(r[:task.key_len].tolist()) for r in tail} & keys
     assert recalled >= 0.97 * 50 * 2 * task.queries
+
+
+def test_data_mix_draws_its_share_of_windows_from_the_named_file(teacher, tmp_path):
+    """Tokens remember which file they came from; `final.data_mix` shares of the training
+    windows lie wholly inside that file's tokens, the rest anywhere, as before."""
+    from transformers import AutoTokenizer
+
+    from vllm_jetnemotron.converter.data import DataError, tokenize_corpus, train_batch
+
+    data = tmp_path / "data"
+    shutil.copytree(teacher[1], data / "prose")
+    chats = [f"<user> question {i}? <assistant> answer {i} " * 3 for i in range(40)]
+    (data / "chat.jsonl").write_text("".join(json.dumps({"text": c}) + "\n" for c in chats))
+    tokens = tokenize_corpus([str(data)], teacher[0], tmp_path / "cache", 32, 0.05, 20_000_000)
+    tokenizer = AutoTokenizer.from_pretrained(teacher[0])
+    chat_ids = [t for c in chats for t in tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert tokens.spans["chat.jsonl"] == (0, len(chat_ids))  # files in path order: chat.jsonl first
+    assert tokens.spans["prose/stdlib.jsonl"] == (len(chat_ids), len(tokens.train))
+    assert tokens.train[:len(chat_ids)].tolist() == chat_ids
+    assert tokenize_corpus([str(data)], teacher[0], tmp_path / "cache", 32, 0.05, 20_000_000).spans == tokens.spans
+
+    plain = TrainingData(tokens.train, spans=tokens.spans)
+    assert plain.mixed({}, 32) is plain
+    in_chat = lambda ids: [bool((tokens.train[:len(chat_ids)].unfold(0, 32, 1) == row).all(1).any()) for row in ids]
+    only_chat = plain.mixed({"chat.jsonl": 1.0}, 32)
+    assert all(all(in_chat(only_chat.batch(8, 32, 0, "final", step))) for step in range(5))
+    half = plain.mixed({"chat.jsonl": 0.5}, 32)
+    share = sum(sum(in_chat(half.batch(8, 32, 0, "final", step))) for step in range(40)) / 320
+    natural = len(chat_ids) / len(tokens.train)
+    assert natural < 0.1 and 0.4 < share < 0.6 + natural
+    assert torch.equal(plain.batch(8, 32, 0, "final", 3), train_batch(tokens.train, 8, 32, 0, "final", 3))
+    with pytest.raises(DataError, match="data mix source 'chat.jsonl' has 1 training tokens, fewer than seq_len 32"):
+        TrainingData(tokens.train, spans={"chat.jsonl": (0, 1)}).mixed({"chat.jsonl": 0.2}, 32)
 
 
 def test_demo_teacher_logs_its_held_out_quality(teacher):
