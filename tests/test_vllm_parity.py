@@ -65,3 +65,29 @@ def test_bfloat16_matches_reference_top1(tiny_checkpoint, prompts, reference_out
         diff = (torch.tensor([first_step[i].logprob for i in ids.tolist()]) - reference_logits[ids]).abs().max()
         assert output.outputs[0].token_ids[0] == reference_tokens[0], f"prompt of {n} tokens"
         assert diff < BF16_LOGIT_ATOL, f"prompt of {n} tokens: max |logit diff| {diff:.3f}"
+
+
+def test_all_sliding_window_layers_with_a_window_beyond_the_context(tmp_path):
+    """Every layer `swa`, the window (8192) above `max_position_embeddings` (4096): vLLM
+    serves it as a plain attention model (prefix caching off, no JetBlock), with the
+    reference model's logits and greedy tokens, over prompts up to 2000 tokens."""
+    from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
+    from vllm_jetnemotron.converter.random_checkpoint import preset_config, write_random_checkpoint
+
+    attention = {**preset_config("tiny").efficient_attention_config, "swa": {"window_size": 8192}}
+    config = preset_config("tiny", layer_types=["swa"] * 4, efficient_attention_config=attention)
+    path = write_random_checkpoint(tmp_path / "all-swa", config, seed=0, dtype=torch.float32)
+    reference = JetNemotronForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = random_prompts([5, 700, 2000], seed=1)
+    with running_llm(str(path), logprobs_mode="raw_logits", max_logprobs=TOP_LOGITS) as llm:
+        outputs = llm.generate(as_inputs(prompts), greedy(8, logprobs=TOP_LOGITS))
+    for prompt, output in zip(prompts, outputs):
+        with torch.no_grad():
+            ids = torch.tensor([prompt])
+            logits = reference(ids).logits[0, -1]
+            tokens = reference.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+        first_step = output.outputs[0].logprobs[0]
+        top = torch.tensor(list(first_step))
+        diff = (torch.tensor([first_step[i].logprob for i in top.tolist()]) - logits[top]).abs().max().item()
+        assert diff < LOGIT_ATOL, f"prompt of {len(prompt)} tokens: max |logit diff| {diff:.2e}"
+        assert list(output.outputs[0].token_ids) == tokens, f"prompt of {len(prompt)} tokens"
