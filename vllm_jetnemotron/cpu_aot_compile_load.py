@@ -25,6 +25,7 @@ import functools
 import inspect
 
 from .import_hooks import patch_when_imported
+from .patches import APPLIED, NOT_NEEDED, report
 
 DECORATORS_MODULE = "vllm.compilation.decorators"
 _MARKER = "_jetnemotron_aot_load_fix"
@@ -62,6 +63,7 @@ def patch_module(module) -> bool:
     if getattr(load, _MARKER, False):
         return True
     if not needs_fix(module):
+        report(__name__, NOT_NEEDED)
         return False
 
     @functools.wraps(load)
@@ -70,4 +72,5 @@ def patch_module(module) -> bool:
 
     setattr(load_compiled_function, _MARKER, True)
     torch.compiler.load_compiled_function = load_compiled_function
+    report(__name__, APPLIED)
     return True

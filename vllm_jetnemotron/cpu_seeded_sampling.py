@@ -31,6 +31,7 @@ before importing their worker class, get it before the first step.
 """
 
 from .import_hooks import patch_when_imported
+from .patches import APPLIED, NOT_NEEDED, report
 
 RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 _MARKER = "_jetnemotron_seeded_sampling_fix"
@@ -64,6 +65,7 @@ def patch_runner_class(runner_cls) -> bool:
     if runner_cls.__dict__.get(_MARKER):
         return True
     if not needs_fix(runner_cls):
+        report(__name__, NOT_NEEDED)
         return False
     import functools
 
@@ -108,10 +110,5 @@ def patch_runner_class(runner_cls) -> bool:
     runner_cls._sample = _sample
     runner_cls._bookkeeping_sync = _bookkeeping_sync
     setattr(runner_cls, _MARKER, True)
-
-    from vllm.logger import init_logger
-
-    init_logger(__name__).debug(
-        "Jet-Nemotron: seeded sampling on CPU restores generator states after partial "
-        "prefill steps (vLLM's offset rewind in _bookkeeping_sync needs a CUDA generator).")
+    report(__name__, APPLIED)
     return True

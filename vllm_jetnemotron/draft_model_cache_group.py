@@ -13,9 +13,7 @@ the drafter's layers are in group 0 or when the proposer is not `DraftModelPropo
 import functools
 from copy import copy
 
-from vllm.logger import init_logger
-
-logger = init_logger(__name__)
+from .patches import APPLIED, NO_TARGET, report
 
 
 def use_drafter_cache_group() -> None:
@@ -25,7 +23,7 @@ def use_drafter_cache_group() -> None:
         from vllm.v1.spec_decode.draft_model import DraftModelProposer
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     except ModuleNotFoundError as missing:
-        logger.debug("Jet-Nemotron: no draft-model cache-group patch (%s: removed in this vLLM)", missing.name)
+        report(__name__, NO_TARGET, f"no {missing.name}")
         return
 
     build = GPUModelRunner._build_attention_metadata
@@ -49,5 +47,4 @@ def use_drafter_cache_group() -> None:
 
     build_attention_metadata._uses_drafter_cache_group = True
     GPUModelRunner._build_attention_metadata = build_attention_metadata
-    logger.info("Jet-Nemotron: draft_model speculation uses the draft model's own KV cache "
-                "group (vLLM passes group 0's block table to DraftModelProposer).")
+    report(__name__, APPLIED)

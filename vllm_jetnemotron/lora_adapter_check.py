@@ -12,6 +12,8 @@ error reaches the caller as a failed adapter load, as vLLM's own rank check does
 
 import functools
 
+from .patches import APPLIED, report
+
 _MARKER = "_jetnemotron_checks_lora_adapters"
 
 
@@ -33,3 +35,4 @@ def check_lora_adapters_with_the_model() -> None:
 
     WorkerLoRAManager._load_adapter = load_and_check_adapter
     setattr(WorkerLoRAManager, _MARKER, True)
+    report(__name__, APPLIED)

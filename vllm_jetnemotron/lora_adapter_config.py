@@ -23,6 +23,7 @@ imported, otherwise when it is (an import hook): only the API server imports it.
 """
 
 from .import_hooks import patch_when_imported
+from .patches import APPLIED, NOT_NEEDED, report
 
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 CHECK_NAME = "_check_load_lora_adapter_request"
@@ -91,6 +92,7 @@ def patch_class(models_cls) -> bool:
     if getattr(upstream, _MARKER, False):
         return True
     if not needs_fix(upstream):
+        report(__name__, NOT_NEEDED)
         return False
     import functools
     from http import HTTPStatus
@@ -112,4 +114,5 @@ def patch_class(models_cls) -> bool:
     setattr(_check_load_lora_adapter_request, _MARKER, True)
     setattr(_check_load_lora_adapter_request, UPSTREAM_ATTR, upstream)
     setattr(models_cls, CHECK_NAME, _check_load_lora_adapter_request)
+    report(__name__, APPLIED)
     return True

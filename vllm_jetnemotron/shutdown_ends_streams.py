@@ -29,6 +29,7 @@ import inspect
 from http import HTTPStatus
 
 from .import_hooks import patch_when_imported
+from .patches import APPLIED, NO_TARGET, NOT_NEEDED, report
 
 ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 _MARKER = "_jetnemotron_shutdown_ends_streams"
@@ -52,10 +53,12 @@ def patch_module(module) -> bool:
     cls = getattr(module, "AsyncLLM", None)
     upstream = getattr(cls, "shutdown", None)
     if upstream is None:
+        report(__name__, NO_TARGET)
         return False
     if getattr(upstream, _MARKER, False):
         return True
     if not needs_fix(upstream):
+        report(__name__, NOT_NEEDED)
         return False
     from vllm.exceptions import GracefulHTTPError
 
@@ -68,6 +71,7 @@ def patch_module(module) -> bool:
 
     setattr(shutdown, _MARKER, True)
     cls.shutdown = shutdown
+    report(__name__, APPLIED)
     return True
 
 
