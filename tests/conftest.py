@@ -148,6 +148,19 @@ def token_ids(outputs) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+def reference_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """The Hugging Face model's greedy continuation of `prompt` (the tests' oracle for vLLM's)."""
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False)[0, len(prompt):].tolist()
+
+
+def openai_client(base: str, api_key: str = "unused", timeout: float | None = 120):
+    """The `openai` client of a test server at `base` (no retries: a failure is the answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
 def random_prompts(lengths, seed: int = 0, vocab: int = 151000) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from conftest import load_example, running_llm, serving, token_ids
+from conftest import load_example, reference_greedy, running_llm, serving, token_ids
 from vllm_jetnemotron.config import JetNemotronConfig, checkpoint_tensor_shapes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,9 +51,7 @@ def test_vllm_writes_what_the_reference_model_writes():
     reference = JetNemotronForCausalLM.from_pretrained(DEMO, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(DEMO, config=reference.config)
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
-    with torch.no_grad():
-        expected = [reference.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):]
-                    .tolist() for p in prompts]
+    expected = [reference_greedy(reference, p, NEW_TOKENS) for p in prompts]
     with running_llm(str(DEMO)) as llm:
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                                SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS))

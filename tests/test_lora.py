@@ -6,11 +6,10 @@ import os
 import shutil
 
 import httpx
-import openai
 import pytest
 import torch
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, serving, token_ids
+from conftest import as_inputs, greedy, openai_client, random_prompts, reference_greedy, running_llm, serving, token_ids
 
 MAX_RANK = 8
 # Every linear layer of the official modules: JetBlock (projections, gates, filter
@@ -43,21 +42,15 @@ def train_adapter(checkpoint: str, out, targets, rank: int, seed: int):
     return model.merge_and_unload().eval()
 
 
-def reference_greedy(model, prompts) -> list[list[int]]:
-    with torch.no_grad():
-        return [model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(p):].tolist()
-                for p in prompts]
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_checkpoint, reference_model, tmp_path_factory):
     """{name: (adapter folder, greedy tokens of PROMPTS)}; None is the base model."""
     root = tmp_path_factory.mktemp("lora")
-    found = {None: (None, reference_greedy(reference_model, PROMPTS))}
+    found = {None: (None, [reference_greedy(reference_model, p, NEW_TOKENS) for p in PROMPTS])}
     for name, targets, rank, seed in (("all-linear", ALL_LINEAR, MAX_RANK, 0),
                                       ("some-slices", SOME_SLICES, 4, 1)):
         merged = train_adapter(tiny_checkpoint, root / name, targets, rank, seed)
-        found[name] = (str(root / name), reference_greedy(merged, PROMPTS))
+        found[name] = (str(root / name), [reference_greedy(merged, p, NEW_TOKENS) for p in PROMPTS])
     assert len({str(tokens) for _, tokens in found.values()}) == 3, "the adapters change nothing"
     return found
 
@@ -92,7 +85,7 @@ def server(tiny_checkpoint, adapters, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def completion_ids(client, model: str, prompt: list[int]) -> list[int]:

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import EXAMPLES, as_inputs, greedy, load_example, random_prompts, serving, token_ids
+from conftest import EXAMPLES, as_inputs, greedy, load_example, openai_client, random_prompts, serving, token_ids
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
@@ -35,7 +35,7 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -222,13 +222,20 @@ def test_choice_and_regex_constraints(client, constraint, check):
 
 
 def test_auto_tool_choice_with_the_hermes_parser(client):
-    """Auto tool choice on: a reply that is not a `<tool_call>` block comes back as text."""
+    """Auto tool choice on: a reply that is a `<tool_call>` block (the random model is held to
+    one by a regex) comes back parsed as a tool call; one that is not comes back as text."""
     tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
-    response = client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": "Hello"}], max_tokens=8,
-        temperature=0.0, tools=[tool], tool_choice="auto")
-    message = response.choices[0].message
-    assert not message.tool_calls and message.content
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    request = dict(model=SERVED_NAME, messages=[{"role": "user", "content": "Weather in Paris?"}],
+                   temperature=0.0, tools=[tool], tool_choice="auto")
+    held = client.chat.completions.create(**request, max_tokens=64,
+                                          extra_body={"structured_outputs": {"regex": re.escape(call)}})
+    message = held.choices[0].message
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("get_weather", {"city": "Paris"})]
+    assert held.choices[0].finish_reason == "tool_calls"
+    free = client.chat.completions.create(**request, max_tokens=8).choices[0].message
+    assert not free.tool_calls and free.content
 
 
 def test_invalid_schema_gets_400_and_the_server_keeps_serving(client):

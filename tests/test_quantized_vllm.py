@@ -4,11 +4,10 @@ CPUWNA16LinearKernel): logits against the reference model run on the weights deq
 by compressed-tensors itself (it never sees the packed format), engine behaviours, tensor
 parallelism."""
 
-import openai
 import pytest
 import torch
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, serving, token_ids
+from conftest import as_inputs, greedy, openai_client, random_prompts, running_llm, serving, token_ids
 from test_quantize import CONFIG
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 from vllm_jetnemotron.converter.quantize import GROUP_SIZES, KERNEL_TILE, dequantized_state_dict, quantize_checkpoint
@@ -103,7 +102,7 @@ def test_openai_server_serves_the_quantized_checkpoint(scheme_run, checkpoints, 
     scheme, _, singles, _, _ = scheme_run
     with serving(str(checkpoints[scheme]), tmp_path / "server.log", "--dtype", "bfloat16",
                  "--max-model-len", "1024", "--served-model-name", scheme) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(base)
         served = [list(client.completions.create(
             model=scheme, prompt=p, max_tokens=8, temperature=0.0,
             extra_body={"ignore_eos": True, "return_token_ids": True}).choices[0].token_ids) for p in prompts]

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import as_inputs, running_llm, token_ids
+from conftest import as_inputs, reference_greedy, running_llm, token_ids
 
 NEW_TOKENS = 16
 TOP_LOGITS = 20
@@ -31,10 +31,6 @@ def greedy_until_eos(logprobs: int | None = None):
     from vllm import SamplingParams
 
     return SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=logprobs)
-
-
-def reference_greedy(model, prompt: list[int]) -> list[int]:
-    return model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt):].tolist()
 
 
 def real_texts() -> list[str]:
@@ -80,7 +76,7 @@ def test_vllm_serves_the_teacher_as_transformers_computes_it(smollm2_teacher, pr
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_teacher, dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = [reference_greedy(model, p) for p in prompts]
+        expected = [reference_greedy(model, p, NEW_TOKENS) for p in prompts]
     with running_llm(smollm2_teacher) as llm:
         assert token_ids(llm.generate(as_inputs(prompts), greedy_until_eos())) == expected
     assert expected[-1][-1] == model.config.eos_token_id  # the chat answer ended its turn
@@ -108,7 +104,7 @@ def test_plugin_on_real_weights_equals_the_reference_model(initialised, prompts)
         for prompt in prompts:
             ids = torch.tensor([prompt])
             logits = reference(ids).logits[0, -1]
-            expected.append((logits, reference_greedy(reference, prompt)))
+            expected.append((logits, reference_greedy(reference, prompt, NEW_TOKENS)))
     assert max(len(p) for p in prompts) > 3 * 64 and min(len(p) for p in prompts) < SWA_WINDOW
     with running_llm(initialised, logprobs_mode="raw_logits", max_logprobs=TOP_LOGITS,
                      max_num_batched_tokens=64, max_num_seqs=8) as llm:

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import random_prompts, running_llm, serving
+from conftest import openai_client, random_prompts, running_llm, serving
 from test_openai_server import SERVED_NAME
 
 MAX_MODEL_LEN = 4096
@@ -19,10 +19,6 @@ MAX_TOKENS = 8
 LENGTHS = [1, 129, 700, 3000]
 PROMPTS = random_prompts(LENGTHS, seed=3)
 SEEDS = [1000 + i for i in range(len(PROMPTS))]
-
-
-def openai_client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=300)
 
 
 def sample(client, prompt, seed, max_tokens=MAX_TOKENS) -> list[int]:
@@ -38,7 +34,7 @@ def sample_all(client) -> list[list[int]]:
 
 def assert_serving(base: str) -> None:
     assert httpx.get(f"{base}/health", timeout=10).status_code == 200
-    ok = openai_client(base).completions.create(model=SERVED_NAME, prompt="still alive?",
+    ok = openai_client(base, timeout=300).completions.create(model=SERVED_NAME, prompt="still alive?",
                                                 max_tokens=2)
     assert ok.usage.completion_tokens == 2
 
@@ -53,7 +49,7 @@ def server(tiny_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai_client(server)
+    return openai_client(server, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +111,7 @@ def test_samples_do_not_depend_on_prefill_steps_or_server_process(
     log_path = tmp_path_factory.mktemp("seeded_one_step") / "server.log"
     with serving(tiny_checkpoint, log_path, *SERVER_ARGS, "--no-enable-prefix-caching",
                  "--max-num-batched-tokens", str(MAX_MODEL_LEN)) as base:
-        assert sample_all(openai_client(base)) == seeded
+        assert sample_all(openai_client(base, timeout=300)) == seeded
 
 
 def test_offline_generate_with_seed_matches_the_server(tiny_checkpoint, seeded):

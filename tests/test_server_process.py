@@ -15,7 +15,7 @@ import openai
 import psutil
 import pytest
 
-from conftest import free_port, serve_command, wait_until_healthy
+from conftest import free_port, openai_client, serve_command, wait_until_healthy
 from vllm_jetnemotron import exit_with_parent
 
 API_KEY = "test-key-3f9a"
@@ -65,10 +65,10 @@ def server(tiny_checkpoint, tmp_path_factory):
 def test_requests_need_the_api_key(server):
     request = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2}
     assert httpx.post(f"{server.base}/v1/completions", json=request, timeout=60).status_code == 401
-    wrong = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong-key", max_retries=0, timeout=60)
+    wrong = openai_client(server.base, api_key="wrong-key", timeout=60)
     with pytest.raises(openai.AuthenticationError):
         wrong.completions.create(**request)
-    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    client = openai_client(server.base, api_key=API_KEY, timeout=60)
     assert client.completions.create(**request).usage.completion_tokens == 2
 
 
@@ -101,7 +101,7 @@ def test_sigterm_ends_open_streams_and_the_server_exits(tiny_checkpoint, tmp_pat
     10 s. (vLLM 0.32 left the streams waiting and the server up until the clients gave up:
     `shutdown_ends_streams.py`.)"""
     server = Server(tiny_checkpoint, tmp_path / "server.log", max_model_len=4096)
-    client = openai.OpenAI(base_url=f"{server.base}/v1", api_key=API_KEY, max_retries=0, timeout=None)
+    client = openai_client(server.base, api_key=API_KEY, timeout=None)
     generating = threading.Semaphore(0)
     outcomes: dict[int, str] = {}
 

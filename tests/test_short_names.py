@@ -8,11 +8,9 @@ import shutil
 import subprocess
 import sys
 
-import openai
 import pytest
-import torch
 
-from conftest import serving
+from conftest import openai_client, reference_greedy, serving
 from vllm_jetnemotron.short_names import REDIRECTS_FILE
 
 OFFICIAL_REPOSITORY = json.loads(REDIRECTS_FILE.read_text())["jet-nemotron-2b"]
@@ -49,9 +47,7 @@ def offline_cache_env(tiny_checkpoint, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_tokens(reference_model) -> list[int]:
-    with torch.no_grad():
-        out = reference_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, len(PROMPT):].tolist()
+    return reference_greedy(reference_model, PROMPT, NEW_TOKENS)
 
 
 def test_offline_llm_loads_the_official_repository_under_the_short_name(offline_cache_env, reference_tokens):
@@ -68,7 +64,7 @@ def test_offline_llm_loads_the_official_repository_under_the_short_name(offline_
 def test_server_serves_the_short_name(offline_cache_env, reference_tokens, tmp_path):
     with serving("jet-nemotron-2b", tmp_path / "server.log", "--max-model-len", "512",
                  env=offline_cache_env) as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+        client = openai_client(base)
         assert [m.id for m in client.models.list().data] == ["jet-nemotron-2b"]
         response = client.completions.create(
             model="jet-nemotron-2b", prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0.0,

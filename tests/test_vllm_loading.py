@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, start_llm, token_ids
+from conftest import as_inputs, greedy, random_prompts, reference_greedy, running_llm, start_llm, token_ids
 from vllm_jetnemotron.converter.modeling import JetNemotronForCausalLM
 from vllm_jetnemotron.converter.random_checkpoint import (
     copy_tokenizer,
@@ -77,9 +77,7 @@ def test_pipeline_parallel_matches_the_reference(tmp_path, monkeypatch):
                                    layer_types=layer_types), seed=4, dtype=torch.float32)
     prompts = random_prompts([5, 150, 70, 1], seed=8)
     reference = JetNemotronForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = [reference.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False)[0, len(p):].tolist()
-                    for p in prompts]
+    expected = [reference_greedy(reference, p, 12) for p in prompts]
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
     monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model ships a function
     with running_llm(str(path), pipeline_parallel_size=2, distributed_executor_backend="mp",

@@ -4,7 +4,7 @@ sliding window (48 tokens) is shorter than most prompts."""
 import pytest
 import torch
 
-from conftest import as_inputs, greedy, random_prompts, running_llm, token_ids
+from conftest import as_inputs, greedy, random_prompts, reference_greedy, running_llm, token_ids
 
 PROMPT_LENGTHS = [1, 5, 17, 63, 64, 65, 200, 700]
 NEW_TOKENS = 32
@@ -26,8 +26,7 @@ def reference_outputs(reference_model, prompts):
         for prompt in prompts:
             ids = torch.tensor([prompt])
             logits = reference_model(ids).logits[0, -1]
-            generated = reference_model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
-            results.append((logits, generated[0, len(prompt):].tolist()))
+            results.append((logits, reference_greedy(reference_model, prompt, NEW_TOKENS)))
     return results
 
 
@@ -85,7 +84,7 @@ def test_all_sliding_window_layers_with_a_window_beyond_the_context(tmp_path):
         with torch.no_grad():
             ids = torch.tensor([prompt])
             logits = reference(ids).logits[0, -1]
-            tokens = reference.generate(ids, max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+            tokens = reference_greedy(reference, prompt, 8)
         first_step = output.outputs[0].logprobs[0]
         top = torch.tensor(list(first_step))
         diff = (torch.tensor([first_step[i].logprob for i in top.tolist()]) - logits[top]).abs().max().item()
