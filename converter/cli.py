@@ -13,14 +13,13 @@ same command after a kill continues from the last saved step; finished stages ar
 skipped. A rerun with a recipe that changes a begun stage's settings stops and names the
 keys (`--restart-from STAGE` redoes that stage and the later ones); a stage whose inputs
 changed (teacher weights, data, seed, an earlier stage's result) is redone. Bad input
-stops before any training with a message naming what is wrong, and `--out` is only
-created, complete, at the very end.
+stops before any training with a message naming what is wrong, a failed write (a full
+disk) with one naming the file, and `--out` is only created, complete, at the very end.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_files import write_json_atomic
 from .data import (DataError, RetrievalTask, TrainingData, read_user_eval, retrieval_set, tokenize_corpus,
                    validation_batches)
 from .eagle3 import aux_layers_problem, default_aux_layers
@@ -129,6 +129,17 @@ def validate_inputs(recipe: dict) -> dict:
     return teacher_config
 
 
+class LogFile(logging.FileHandler):
+    """A failed write (a full disk) stops the run with OSError naming the file, where
+    logging would print a traceback and go on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            raise OSError(error.errno, error.strerror, self.baseFilename) from error
+        super().handleError(record)
+
+
 def setup_logging(workdir: Path, is_main: bool) -> None:
     log.setLevel(logging.INFO)
     log.handlers.clear()
@@ -137,7 +148,7 @@ def setup_logging(workdir: Path, is_main: bool) -> None:
         return
     workdir.mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
-    for handler in (logging.FileHandler(workdir / "convert.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (LogFile(workdir / "convert.log"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
 
@@ -179,7 +190,7 @@ def convert(recipe: dict, stop_after: int | None = None, until: str | None = Non
     rt.barrier()
     check_recipe_unchanged(workdir, recipe)
     if rt.is_main:
-        (workdir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        write_json_atomic(recipe, workdir / "recipe.json")
     log.info("teacher %s (%s, %d layers); %d training tokens; device %s, %d process(es)", recipe["teacher"],
              teacher_config["architectures"][0], teacher_config["num_hidden_layers"], len(tokens.train),
              rt.device, rt.world_size)
@@ -273,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except (RecipeError, TeacherError, DataError, FileExistsError) as error:
         print(f"jet-nemotron-convert: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a folder one may not write to
+        print(f"jet-nemotron-convert: error: {error}; once that is fixed, rerun the same command to go on",
+              file=sys.stderr)
         return 2
     print(f"converted checkpoint: {out}")
     return 0

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic_files import save_atomic
+
 log = logging.getLogger("jet_nemotron_convert")
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".c", ".h", ".html", ".tex")
@@ -126,9 +128,7 @@ def tokenize_corpus(sources: list[str], tokenizer_dir: str, cache_dir: Path, seq
     data = TokenData(train=tokens[:n_train], val=tokens[n_train:], spans=spans)
     if write:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"train": data.train, "val": data.val, "spans": data.spans}, tmp)
-        tmp.replace(cache)
+        save_atomic({"train": data.train, "val": data.val, "spans": data.spans}, cache)
     log.info("tokenised %d training and %d validation tokens", len(data.train), len(data.val))
     return data
 

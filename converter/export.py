@@ -15,7 +15,7 @@ import torch
 
 from vllm_jetnemotron.config import JetNemotronConfig
 
-from .atomic_files import folder_written_atomically
+from .atomic_files import errors_naming, folder_written_atomically
 from .eagle3 import save_eagle3_folder
 from .pipeline import stage_dir
 from .teacher import copy_tokenizer_files
@@ -61,7 +61,7 @@ def export(workdir: Path, out: Path, recipe: dict, report: dict) -> Path:
     out = out.resolve()
     if out.exists():
         raise FileExistsError(f"--out {out} already exists; remove it or choose a new folder")
-    with folder_written_atomically(out) as tmp:
+    with errors_naming(out), folder_written_atomically(out) as tmp:
         dtype = DTYPES[recipe["export"]["dtype"]]
         save_model_folder(stage_dir(workdir, "final") / "model.pt", tmp, dtype, recipe["teacher"])
         (tmp / "draft").mkdir()

@@ -41,7 +41,7 @@ from .hardware import candidate_grid, jetblock_throughput, state_size
 from .pipeline import BY_NAME, STAGE_NAMES, Stage, changed_keys, read_fingerprint, recipe_slice, result_digest
 from .students import SuperNetwork, build_student, kl_distillation_loss, set_trainable
 from .teacher import student_config
-from .atomic_files import save_atomic, write_json_atomic
+from .atomic_files import save_atomic, write_json_atomic, write_text_atomic
 from .training import Runtime, answer_loss, lm_loss, retrieval_recall, run_training, wilson_interval
 
 log = logging.getLogger("jet_nemotron_convert")
@@ -150,7 +150,7 @@ def finish(ctx: Context, stage_dir: Path, result: dict) -> dict:
     if ctx.rt.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(result, stage_dir / "result.json")
-        (stage_dir / "done").write_text("done\n")
+        write_text_atomic("done\n", stage_dir / "done")
     ctx.rt.barrier()
     return result
 
@@ -312,28 +312,28 @@ def stage_placement(ctx: Context, stage_dir: Path, inputs: dict[str, StageOutput
         evaluate_layout(t)
         return evaluations[",".join(t)]
 
-    # the ablations: one layer kept as attention, all others JetBlocks; then, if asked, every
-    # pair of layers (recall needs two attention layers whose heads compose, as induction heads do)
-    single = [{"layer": i, **kept_as_attention(i)} for i in range(ctx.num_layers)]
-    pairs = [{"layers": [i, j], **kept_as_attention(i, j)}
-             for i, j in itertools.combinations(range(ctx.num_layers), 2)] if settings["pair_ablation"] else []
-    # the beam places attention only where one kept layer helps most (all layers by default)
-    ranked_layers = sorted(range(ctx.num_layers), key=lambda i: (-single[i]["score"], i))
-    candidates = set(ranked_layers[:settings["candidate_layers"] or ctx.num_layers])
-    beam = [tuple(["jet"] * ctx.num_layers)]
-    steps = []
-    for kind in ["attn"] * budget["attn"] + ["swa"] * budget["swa"]:
-        expanded = {b[:i] + (kind,) + b[i + 1:] for b in beam for i in sorted(candidates) if b[i] == "jet"}
-        ranked = sorted(expanded, key=lambda t: (-evaluate_layout(t), t))
-        steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
-        beam = ranked[:width]
-    best = list(beam[0])
-    extra = {}
-    for name, types in (("uniform", uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"])),
-                        ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
-        evaluate_layout(tuple(types))
-        extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
-    bar.close()
+    with bar:  # closed by an exception too: errors start a line
+        # the ablations: one layer kept as attention, all others JetBlocks; then, if asked, every
+        # pair of layers (recall needs two attention layers whose heads compose, as induction heads do)
+        single = [{"layer": i, **kept_as_attention(i)} for i in range(ctx.num_layers)]
+        pairs = [{"layers": [i, j], **kept_as_attention(i, j)}
+                 for i, j in itertools.combinations(range(ctx.num_layers), 2)] if settings["pair_ablation"] else []
+        # the beam places attention only where one kept layer helps most (all layers by default)
+        ranked_layers = sorted(range(ctx.num_layers), key=lambda i: (-single[i]["score"], i))
+        candidates = set(ranked_layers[:settings["candidate_layers"] or ctx.num_layers])
+        beam = [tuple(["jet"] * ctx.num_layers)]
+        steps = []
+        for kind in ["attn"] * budget["attn"] + ["swa"] * budget["swa"]:
+            expanded = {b[:i] + (kind,) + b[i + 1:] for b in beam for i in sorted(candidates) if b[i] == "jet"}
+            ranked = sorted(expanded, key=lambda t: (-evaluate_layout(t), t))
+            steps.append([{"layer_types": list(t), "score": evaluations[",".join(t)]["score"]} for t in ranked])
+            beam = ranked[:width]
+        best = list(beam[0])
+        extra = {}
+        for name, types in (("uniform", uniform_layer_types(ctx.num_layers, budget["attn"], budget["swa"])),
+                            ("all_jet", ["jet"] * ctx.num_layers), ("searched", best)):
+            evaluate_layout(tuple(types))
+            extra[name] = {"layer_types": types, **evaluations[",".join(types)]}
     return {"layer_types": best, "beam_steps": steps, "candidate_layers": sorted(candidates),
             "single_layer": single, "layer_pairs": pairs, "supernet_layouts": extra}
 

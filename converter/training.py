@@ -2,8 +2,9 @@
 
 `run_training` is a nanoGPT-style loop: the checkpoint is one dict (trainable weights,
 optimiser, step, RNG state, losses, settings) written atomically every `save_every`
-steps; re-running continues from it and, because each batch and each random choice is a
-function of (seed, stage, step, rank), ends with the same weights as an uninterrupted run.
+steps; re-running continues from it (or, where it cannot be read, starts again with a warning)
+and, because each batch and each random choice is a function of (seed, stage, step, rank),
+ends with the same weights as an uninterrupted run.
 Under `torchrun` (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel (gloo on
 CPU, NCCL on GPU) and each process takes its share of the batch; rank 0 writes files.
 """
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic_files import save_atomic
+from .atomic_files import errors_naming, save_atomic
 from .data import RetrievalSet, TrainingData, UserEvalSet
 
 log = logging.getLogger("jet_nemotron_convert")
@@ -91,6 +92,19 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def read_checkpoint(path: Path, name: str) -> dict | None:
+    """The saved training state, or None: none saved, or unreadable (a truncated or damaged
+    file: this training starts again from step 0, with a warning)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch reports a damaged file as RuntimeError, EOFError, UnpicklingError, OSError...
+        log.warning("%s: cannot read %s (%s: %s); training it again from step 0", name, path,
+                    type(error).__name__, str(error).split(". ")[0])
+        return None
+
+
 def run_training(
     name: str,
     stage_dir: Path,
@@ -116,8 +130,8 @@ def run_training(
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     start, losses = 0, []
-    if checkpoint_file.is_file():
-        state = torch.load(checkpoint_file, map_location="cpu", weights_only=False)
+    state = read_checkpoint(checkpoint_file, name)
+    if state is not None:
         with torch.no_grad():
             for n, t in state["model"].items():
                 trainable[n].copy_(t)
@@ -140,43 +154,41 @@ def run_training(
                         checkpoint_file)
         rt.barrier()
 
-    bar = tqdm(total=steps, initial=start, desc=name, disable=not rt.is_main or start >= steps,
-               dynamic_ncols=True, mininterval=1.0)
     log_file = stage_dir / "log.jsonl"
     model.train()
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        ids = data.batch(per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
-        with rt.autocast():
-            loss = loss_fn(module, ids, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        optimizer.step()
-        value = loss.detach()
-        if rt.world_size > 1:
-            dist.all_reduce(value)
-            value /= rt.world_size
-        losses.append(float(value))
-        speed = per_rank * rt.world_size * seq_len / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{speed:.0f}")
-        bar.update(1)
-        if rt.is_main:
-            with log_file.open("a") as f:
-                f.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": group["lr"],
-                                    "tokens_per_s": round(speed, 1)}) + "\n")
-        rt.steps_run += 1
-        done = step + 1
-        if done % save_every == 0 or done == steps:
-            save(done)
-        if rt.stop_after is not None and rt.steps_run >= rt.stop_after and done < steps:
-            save(done)
-            bar.close()
-            raise StoppedEarly(f"stopped after {rt.steps_run} steps (--stop-after) in stage {name} "
-                               f"at step {done}/{steps}; re-run the same command to continue")
-    bar.close()
+    with tqdm(total=steps, initial=start, desc=name, disable=not rt.is_main or start >= steps,
+              dynamic_ncols=True, mininterval=1.0) as bar:  # closed by an exception too: errors start a line
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            ids = data.batch(per_rank, seq_len, rt.seed, name, step, rt.rank).to(rt.device)
+            with rt.autocast():
+                loss = loss_fn(module, ids, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable.values(), 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            optimizer.step()
+            value = loss.detach()
+            if rt.world_size > 1:
+                dist.all_reduce(value)
+                value /= rt.world_size
+            losses.append(float(value))
+            speed = per_rank * rt.world_size * seq_len / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{speed:.0f}")
+            bar.update(1)
+            if rt.is_main:
+                with errors_naming(log_file), log_file.open("a") as f:
+                    f.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": group["lr"],
+                                        "tokens_per_s": round(speed, 1)}) + "\n")
+            rt.steps_run += 1
+            done = step + 1
+            if done % save_every == 0 or done == steps:
+                save(done)
+            if rt.stop_after is not None and rt.steps_run >= rt.stop_after and done < steps:
+                save(done)
+                raise StoppedEarly(f"stopped after {rt.steps_run} steps (--stop-after) in stage {name} "
+                                   f"at step {done}/{steps}; re-run the same command to continue")
     model.eval()
     return losses
 

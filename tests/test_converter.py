@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,78 @@ def test_resume_after_kill_gives_the_same_weights(teacher, converted, tmp_path):
         assert resumed.keys() == reference.keys()
         for key in reference:
             assert torch.equal(resumed[key], reference[key]), (name, key)
+
+
+def converter_process(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vllm_jetnemotron.converter", *args], text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def assert_same_weights(out: Path, reference: Path) -> None:
+    for name in ("model.safetensors", "draft/model.safetensors", "eagle3/model.safetensors"):
+        tensors, expected = load_file(out / name), load_file(reference / name)
+        assert tensors.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(tensors[key], expected[key]), (name, key)
+
+
+def test_kill_during_the_export_leaves_no_partial_folder(teacher, converted, tmp_path):
+    """kill -9 while the export writes: no --out, and the rerun removes what the killed
+    export left, exports, and gives the uninterrupted run's weights."""
+    shutil.copytree(converted.parent / "work", tmp_path / "work")
+    args = convert_args(teacher, tmp_path / "work", tmp_path / "out")
+    process = converter_process(args, stderr=subprocess.DEVNULL)
+    while not list(tmp_path.glob(".out.*/model.safetensors")):  # the export has begun
+        assert process.poll() is None, "the converter ended before it was killed"
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "out").exists()
+    assert cli.main(args) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "work"]
+    assert_same_weights(tmp_path / "out", converted)
+
+
+def test_an_unreadable_checkpoint_is_trained_again(teacher, converted, tmp_path):
+    """A truncated checkpoint.pt of an unfinished stage (a disk problem): the rerun warns,
+    naming the file, trains that stage again from step 0 and gives the same weights."""
+    work = tmp_path / "work"
+    shutil.copytree(converted.parent / "work", work)
+    folder = stage_dir(work, "eagle3")
+    for name in ("done", "result.json", "model.pt"):
+        (folder / name).unlink()
+    checkpoint = folder / "checkpoint.pt"
+    os.truncate(checkpoint, checkpoint.stat().st_size // 2)
+    assert cli.main(convert_args(teacher, work, tmp_path / "out")) == 0
+    assert f"eagle3: cannot read {checkpoint} (" in (work / "convert.log").read_text()
+    assert "training it again from step 0" in (work / "convert.log").read_text()
+    assert_same_weights(tmp_path / "out", converted)
+
+
+def test_a_full_disk_stops_with_a_message_and_a_rerun_completes(teacher, converted, tmp_path):
+    """Files limited to 200 kB (RLIMIT_FSIZE: writes beyond fail with EFBIG, as a full disk
+    fails them with ENOSPC) while the last stage writes its 1 MB checkpoint: exit status 2
+    and one line naming the file, no traceback; the rerun without the limit completes."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    work = tmp_path / "work"
+    shutil.copytree(converted.parent / "work", work)
+    shutil.rmtree(stage_dir(work, "eagle3"))
+    args = convert_args(teacher, work, tmp_path / "out")
+    process = converter_process(args, stderr=subprocess.PIPE, preexec_fn=limit_file_size)
+    err = process.communicate(timeout=300)[1]
+    assert process.returncode == 2, err[-3000:]
+    assert "Traceback" not in err
+    checkpoint = stage_dir(work, "eagle3") / "checkpoint.pt.tmp"
+    assert err.splitlines()[-1] == (f"jet-nemotron-convert: error: [Errno 27] File too large: '{checkpoint}'; "
+                                    "once that is fixed, rerun the same command to go on")
+    assert cli.main(args) == 0
+    assert_same_weights(tmp_path / "out", converted)
 
 
 def test_torchrun_two_processes_complete_a_stage(teacher, tmp_path):
