@@ -42,6 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from decode_engine import (bench_layout, context_label, environment, in_child, in_process_engine_env, mixer_summary,
+                           official_layout, prefill_once, shared_prefix_batch, shared_prompt, start_engine,
+                           stop_engine, write_models)
+
 GROUPS = ("gemm", "attention", "core_delta_rule", "core_other", "rest_ops", "rest_between_ops")
 GROUP_LABELS = {
     "gemm": "GEMM (oneDNN/mkldnn/addmm/linear)",
@@ -128,7 +132,6 @@ def profile_length(llm, length: int, args) -> dict:
     """One shared prompt prefilled alone, then the batch (prompt + distinct suffix each) is
     prefilled from the prefix cache and decoded: a few warm-up decode steps, N decode steps timed
     plainly, N decode steps under the profiler. Every timed step has the whole batch decoding."""
-    from decode_throughput import prefill_once, shared_prefix_batch, shared_prompt
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
 
@@ -204,8 +207,6 @@ def format_profile(kind: str, r: dict, target: float | None) -> str:
 
 def _profile_job(kind: str, path: str, args, max_len: int, out: str) -> None:
     """Child process: one in-process engine, every length; results and printed text to `out`."""
-    from decode_throughput import in_process_engine_env, start_engine, stop_engine
-
     in_process_engine_env()
     results: dict = {}
     texts = []
@@ -230,9 +231,6 @@ def _profile_job(kind: str, path: str, args, max_len: int, out: str) -> None:
 
 
 def main(args) -> None:
-    from decode_throughput import (bench_layout, context_label, environment, in_child, mixer_summary,
-                                   official_layout, write_models)
-
     env = environment()
     wall0 = time.monotonic()
     max_len = max(args.lengths) + args.suffix_tokens + 2 * args.profile_steps + 16

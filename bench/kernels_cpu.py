@@ -43,6 +43,7 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rp
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from decode_engine import official_layout, time_batch, write_models  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TARGETS = {  # benchmark -> (baseline it is compared with, required ratio, "ours faster" or "within")
@@ -283,6 +284,20 @@ def bench_conv(rounds: int) -> dict:
 # ----- 4. end to end -------------------------------------------------------------------------
 
 
+def random_prompts(batch: int, length: int, seed: int) -> list[list[int]]:
+    """`batch` independent random prompts of `length` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 151000, (length,), generator=g).tolist() for _ in range(batch)]
+
+
+def run_batch(engine, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
+    """`time_batch` timing every step after the whole batch has its first token."""
+    r = time_batch(engine, prompts, max_tokens, max_tokens, tag)
+    if not r["fits"]:
+        raise RuntimeError(f"the batch of {len(prompts)} never ran as a whole: {r.get('steps')}")
+    return r
+
+
 def _decode_path_in_worker(worker) -> dict:
     """Runs inside the vLLM worker: whether the JetBlocks' decode steps qualify for the C++
     op (recurrent state dtype, op present, environment switch)."""
@@ -305,15 +320,15 @@ def _decode_path_in_worker(worker) -> dict:
 
 
 def bench_end_to_end(args) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from decode_throughput import random_prompts, run_batch, write_model_folders
     from vllm import LLM
 
     results = {"scale": args.scale, "batch": args.e2e_batch, "prompt_len": args.e2e_prompt_len,
                "decode_tokens": args.e2e_decode_tokens, "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        jet_dir, _, _, _, dims = write_model_folders(Path(tmp), args.scale, max_len=4096)
-        results["dims"] = dims
+        layout = official_layout(args.scale)  # the 2B layer pattern, width divided by --scale
+        jet_dir = write_models(Path(tmp), layout, 4096, None)[0]["jet"]
+        results["dims"] = {k: layout[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                  "num_key_value_heads", "head_dim")}
         for label, switch in (("cpp_decode_op", "1"), ("pytorch_decode_step", "0")):
             os.environ["JETNEMOTRON_CPU_DECODE_OP"] = switch  # inherited by the engine's processes
             print(f"\n=== end to end, {label}: starting vLLM ===", flush=True)

@@ -20,13 +20,13 @@ import argparse
 import json
 import re
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import decode_throughput as dt  # noqa: E402
+import decode_profile
+import decode_throughput as dt
+from decode_engine import bench_layout, context_label, environment, in_child, official_layout, write_models
 
 SCHEMES = ("bf16", "w8a8", "w4a16")
 
@@ -83,27 +83,25 @@ def main(argv: list[str] | None = None) -> None:
                           "--lengths", *map(str, own.lengths), "--models", "jet",
                           *(["--eager"] if own.eager else []), *(["--profile"] if own.profile else []),
                           *rest])
-    args.vllm_version = dt.environment()["vllm"]
+    args.vllm_version = environment()["vllm"]
     max_len = max(args.lengths) + args.suffix_tokens + dt.max_tokens_for(args)
     if args.profile:
         max_len = max(args.lengths) + args.suffix_tokens + 2 * args.profile_steps + 16
     seq_lens = [n + args.suffix_tokens + dt.max_tokens_for(args) for n in args.lengths]
-    layout = dt.bench_layout() if args.layout == "bench" else dt.official_layout(args.scale)
+    layout = bench_layout() if args.layout == "bench" else official_layout(args.scale)
     wall0 = time.monotonic()
     results = {}
     with tempfile.TemporaryDirectory(prefix="jet-quant-bench-") as tmp:
-        dirs, cfgs = dt.write_models(Path(tmp), layout, max_len, None)
+        dirs, cfgs = write_models(Path(tmp), layout, max_len, None)
         for scheme in own.schemes:
             folder = dirs["jet"] if scheme == "bf16" else write_quantized_config(dirs["jet"], scheme)
             if args.profile:
-                import decode_profile
-
-                r = dt.in_child(decode_profile._profile_job, "jet", str(folder), args, max_len,
-                                out=Path(tmp) / f"{scheme}.json")
+                r = in_child(decode_profile._profile_job, "jet", str(folder), args, max_len,
+                             out=Path(tmp) / f"{scheme}.json")
                 print(f"\n=== {scheme} ===\n" + "\n".join(r["texts"]) if r else f"{scheme}: the engine died")
                 continue
-            r = dt.in_child(dt._model_job, "jet", str(folder), args, max_len, seq_lens,
-                            out=Path(tmp) / f"{scheme}.json")
+            r = in_child(dt._model_job, "jet", str(folder), args, max_len, seq_lens,
+                         out=Path(tmp) / f"{scheme}.json")
             results[scheme] = r if r is not None else {"error": "the engine process died (see the log above)"}
     if args.profile:
         return
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
            "settings": {"layout": layout["name"], "lengths": args.lengths, "batch": args.batch,
                         "compile": not args.eager, "kv_cache_memory_bytes": args.kv_bytes,
                         "load_format": "dummy", "schemes": own.schemes},
-           "environment": dt.environment(), "table": rows, "models": results,
+           "environment": environment(), "table": rows, "models": results,
            "wall_time_s": time.monotonic() - wall0}
     own.out.mkdir(parents=True, exist_ok=True)
     path = own.out / "quantized_decode.json"
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [f"{dt._fmt(row[f'{s}_decode_tps'])} ({dt._fmt(row[f'{s}_over_bf16_decode'], '.2f')}x)"
                  for s in own.schemes]
         sizes = " / ".join(f"{row[f'{s}_linear_weight_bytes'] / 2**20:.0f}" for s in own.schemes)
-        print(f"| {dt.context_label(row['prompt_len'])} | {' | '.join(cells)} | {sizes} |")
+        print(f"| {context_label(row['prompt_len'])} | {' | '.join(cells)} | {sizes} |")
     print(f"wrote {path} (wall time {(time.monotonic() - wall0) / 60:.1f} min)")
 
 
