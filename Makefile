@@ -113,6 +113,13 @@ evaluate: setup | $(SMOLLM2_DATA)
 FLA_DIR ?=
 GPU_CHECK_ARGS ?=
 
+# The plugin against every vLLM version the gpu extra accepts (bench/compat_check.py): each
+# wheel's Python sources (downloaded once, cached, never installed) on the path; imports,
+# registration, model modules and the patch table. About 300 MB per version, once.
+.PHONY: compat-check
+compat-check: setup
+	$(PY) bench/compat_check.py
+
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) bench/gpu_check.py $(if $(FLA_DIR),--fla-dir $(FLA_DIR)) $(GPU_CHECK_ARGS)

@@ -269,9 +269,6 @@ def _clear_states_of_new_sequences(slots, accepted, has_state, conv_state, recur
         pool.index_copy_(0, index, pool.index_select(0, index).masked_fill_(~mask, 0))
 
 
-# Runs eagerly between the segments of V2's breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH,
-# which does not consult the splitting ops), as vLLM's own recurrent ops do; a no-op otherwise.
-@eager_break_during_capture
 def jet_block_core(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -282,6 +279,14 @@ def jet_block_core(
     core_out: torch.Tensor,
     layer_name: LayerNameType,
 ) -> None:
+    _layer_core(q, k, u, conv_kernels, a, b, core_out, layer_name)
+
+
+# Runs eagerly between the segments of V2's breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH,
+# which does not consult the splitting ops), as vLLM's own recurrent ops do; a plain call
+# otherwise. Kept apart from the op function, whose schema torch reads from its annotations.
+@eager_break_during_capture
+def _layer_core(q, k, u, conv_kernels, a, b, core_out, layer_name) -> None:
     layer = get_forward_context().no_compile_layers[_resolve_layer_name(layer_name)]
     layer._forward_core(q, k, u, conv_kernels, a, b, core_out)
 
