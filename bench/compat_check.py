@@ -14,7 +14,10 @@ which vLLM only warns about). There it checks:
 * `plugin.register()` runs and the model modules import;
 * each patch of `vllm_jetnemotron/patches.py` whose target module exists reports what it did
   ("applied", "not needed", "no target"; a probe that needs compiled ops can only say "not
-  needed" on a wheel's sources, so read those rows with care).
+  needed" on a wheel's sources, so read those rows with care);
+* where the version's CPU platform can build an engine config at all (0.32, 0.33; 0.34's wants
+  triton-cpu), the demo checkpoint's configs build: plain, prefix caching, `eagle3`,
+  `draft_model`, LoRA, pipeline parallelism.
 
 Exit status 1 names each import that does not resolve and each module that fails to import
 (patch statuses are a table, not a verdict).
@@ -107,6 +110,23 @@ for apply in (allocate_pipeline_buffers_on_cpu, check_lora_adapters_with_the_mod
     except Exception as error:
         report["module_errors"].append(f"patch: {type(error).__name__}: {error}")
 report["patches"] = patches.reported()
+# engine configs of the demo checkpoint, where this version's CPU platform can build one at all
+from vllm.engine.arg_utils import EngineArgs
+demo = "checkpoints/demo-jet-nemotron"
+cases = {"plain": {}, "prefix caching": {"enable_prefix_caching": True},
+         "eagle3": {"speculative_config": json.load(open(f"{demo}/speculative_config.json"))},
+         "draft_model": {"speculative_config": json.load(open(f"{demo}/speculative_config.draft_model.json"))},
+         "lora": {"enable_lora": True, "max_lora_rank": 8},
+         "pp=2": {"pipeline_parallel_size": 2, "distributed_executor_backend": "mp"}}
+report["configs"] = {}
+for case, options in cases.items():
+    try:
+        EngineArgs(model=demo, dtype="float32", kv_cache_memory_bytes=1 << 28, **options).create_engine_config()
+        report["configs"][case] = "ok"
+    except Exception as error:
+        report["configs"][case] = f"{type(error).__name__}: {error}"
+        if case == "plain":
+            break
 print("COMPAT " + json.dumps(report))
 """
 
@@ -169,10 +189,18 @@ def main() -> int:
         print(f"| {patch.module} | " + " | ".join(row) + " |")
     failed = False
     for version, result in results.items():
+        configs = result.get("configs", {})
+        if configs.get("plain", "ok") != "ok":
+            print(f"\nvLLM {version}: no engine config buildable with its CPU platform here ({configs['plain']})")
+        else:
+            result["module_errors"] += [f"engine config {case}: {outcome}" for case, outcome in configs.items()
+                                        if outcome != "ok"]
         problems = result["import_errors"] + result["module_errors"]
+        verdict = "every import resolves, the plugin registers, the model modules import"
+        if configs.get("plain") == "ok":
+            verdict += ", engine configs build (prefix caching, eagle3, draft_model, LoRA, PP)"
         print(f"\nvLLM {version} (found {result['vllm']}): "
-              + ("every import resolves, the plugin registers, the model modules import" if not problems
-                 else f"{len(problems)} problem(s)"))
+              + (verdict if not problems else f"{len(problems)} problem(s)"))
         for problem in problems:
             print(f"  {problem}")
         for missing in result.get("guarded_missing", []):
