@@ -6,7 +6,8 @@ the installed vLLM still needs it. Each module's docstring gives the full upstre
 
 Every patch says what it did through `report`: one log line per patch and process, "applied",
 "not needed" (its probe finds the installed vLLM right) or "no target" (the code it changes is
-not in this vLLM, e.g. a module 0.34 removed). Nothing here imports vLLM.
+not in this vLLM, e.g. a module 0.34 removed), through vLLM's logger; the table itself imports
+nothing of vLLM.
 """
 
 from dataclasses import dataclass
