@@ -25,7 +25,7 @@ import functools
 import inspect
 
 from .import_hooks import patch_when_imported
-from .patches import APPLIED, NOT_NEEDED, report
+from .patches import replace_once
 
 DECORATORS_MODULE = "vllm.compilation.decorators"
 _MARKER = "_jetnemotron_aot_load_fix"
@@ -59,18 +59,11 @@ def finalizable(loaded):
 def patch_module(module) -> bool:
     import torch.compiler
 
-    load = torch.compiler.load_compiled_function
-    if getattr(load, _MARKER, False):
-        return True
-    if not needs_fix(module):
-        report(__name__, NOT_NEEDED)
-        return False
+    def wrap(load):
+        @functools.wraps(load)
+        def load_compiled_function(*args, **kwargs):
+            return finalizable(load(*args, **kwargs))
+        return load_compiled_function
 
-    @functools.wraps(load)
-    def load_compiled_function(*args, **kwargs):
-        return finalizable(load(*args, **kwargs))
-
-    setattr(load_compiled_function, _MARKER, True)
-    torch.compiler.load_compiled_function = load_compiled_function
-    report(__name__, APPLIED)
-    return True
+    return replace_once(torch.compiler, "load_compiled_function", __name__, lambda _: needs_fix(module), wrap,
+                        _MARKER)

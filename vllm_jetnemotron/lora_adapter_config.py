@@ -23,7 +23,7 @@ imported, otherwise when it is (an import hook): only the API server imports it.
 """
 
 from .import_hooks import patch_when_imported
-from .patches import APPLIED, NOT_NEEDED, report
+from .patches import replace_once
 
 SERVING_MODULE = "vllm.entrypoints.openai.models.serving"
 CHECK_NAME = "_check_load_lora_adapter_request"
@@ -88,31 +88,25 @@ def install() -> None:
 def patch_class(models_cls) -> bool:
     """Extend `models_cls._check_load_lora_adapter_request` (once) if it lets a config vLLM
     cannot read through. Returns whether the class carries the fix."""
-    upstream = getattr(models_cls, CHECK_NAME)
-    if getattr(upstream, _MARKER, False):
-        return True
-    if not needs_fix(upstream):
-        report(__name__, NOT_NEEDED)
-        return False
     import functools
     from http import HTTPStatus
 
     from vllm.entrypoints.serve import create_error_response
 
-    @functools.wraps(upstream)
-    async def _check_load_lora_adapter_request(self, request):
-        error = await upstream(self, request)
-        if error is not None:
-            return error
-        problem = adapter_config_problem(request.lora_path)
-        if problem is None:
-            return None
-        return create_error_response(
-            message=f"LoRA adapter '{request.lora_name}' at {request.lora_path}: {problem}",
-            err_type="InvalidUserInput", status_code=HTTPStatus.BAD_REQUEST, param="lora_path")
+    def wrap(upstream):
+        @functools.wraps(upstream)
+        async def _check_load_lora_adapter_request(self, request):
+            error = await upstream(self, request)
+            if error is not None:
+                return error
+            problem = adapter_config_problem(request.lora_path)
+            if problem is None:
+                return None
+            return create_error_response(
+                message=f"LoRA adapter '{request.lora_name}' at {request.lora_path}: {problem}",
+                err_type="InvalidUserInput", status_code=HTTPStatus.BAD_REQUEST, param="lora_path")
 
-    setattr(_check_load_lora_adapter_request, _MARKER, True)
-    setattr(_check_load_lora_adapter_request, UPSTREAM_ATTR, upstream)
-    setattr(models_cls, CHECK_NAME, _check_load_lora_adapter_request)
-    report(__name__, APPLIED)
-    return True
+        setattr(_check_load_lora_adapter_request, UPSTREAM_ATTR, upstream)
+        return _check_load_lora_adapter_request
+
+    return replace_once(models_cls, CHECK_NAME, __name__, needs_fix, wrap, _MARKER)

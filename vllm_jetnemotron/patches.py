@@ -85,6 +85,26 @@ def report(module: str, status: str, detail: str = "") -> None:
         f"; {detail}" if detail else "")
 
 
+def replace_once(owner, attr: str, module: str, needs_fix, wrap, marker: str) -> bool:
+    """The one wrap idiom of the patches: set `owner.<attr>` to `wrap(upstream)`, marked with
+    `marker` (so never twice), where `needs_fix(upstream)` finds the bug, and report it for patch
+    `module`. Returns whether `owner.<attr>` carries the fix."""
+    upstream = getattr(owner, attr, None)
+    if upstream is None:
+        report(module, NO_TARGET)
+        return False
+    if getattr(upstream, marker, False):
+        return True
+    if not needs_fix(upstream):
+        report(module, NOT_NEEDED)
+        return False
+    fixed = wrap(upstream)
+    setattr(fixed, marker, True)
+    setattr(owner, attr, fixed)
+    report(module, APPLIED)
+    return True
+
+
 def reported() -> dict[str, str]:
     """{patch module: its last status} in this process."""
     return dict(_reported)

@@ -29,7 +29,7 @@ import inspect
 from http import HTTPStatus
 
 from .import_hooks import patch_when_imported
-from .patches import APPLIED, NO_TARGET, NOT_NEEDED, report
+from .patches import replace_once
 
 ASYNC_LLM_MODULE = "vllm.v1.engine.async_llm"
 _MARKER = "_jetnemotron_shutdown_ends_streams"
@@ -50,29 +50,18 @@ def needs_fix(shutdown) -> bool:
 
 def patch_module(module) -> bool:
     """Wrap `module.AsyncLLM.shutdown` (once) if it has the bug. Returns whether it carries the fix."""
-    cls = getattr(module, "AsyncLLM", None)
-    upstream = getattr(cls, "shutdown", None)
-    if upstream is None:
-        report(__name__, NO_TARGET)
-        return False
-    if getattr(upstream, _MARKER, False):
-        return True
-    if not needs_fix(upstream):
-        report(__name__, NOT_NEEDED)
-        return False
     from vllm.exceptions import GracefulHTTPError
 
-    @functools.wraps(upstream)
-    def shutdown(self, *args, **kwargs):
-        try:
-            return upstream(self, *args, **kwargs)
-        finally:
-            fail_unfinished_requests(self, GracefulHTTPError(SHUTDOWN_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE))
+    def wrap(upstream):
+        @functools.wraps(upstream)
+        def shutdown(self, *args, **kwargs):
+            try:
+                return upstream(self, *args, **kwargs)
+            finally:
+                fail_unfinished_requests(self, GracefulHTTPError(SHUTDOWN_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE))
+        return shutdown
 
-    setattr(shutdown, _MARKER, True)
-    cls.shutdown = shutdown
-    report(__name__, APPLIED)
-    return True
+    return replace_once(getattr(module, "AsyncLLM", None), "shutdown", __name__, needs_fix, wrap, _MARKER)
 
 
 def fail_unfinished_requests(async_llm, error: Exception) -> None:
