@@ -16,7 +16,7 @@ PORT ?= 8000
 # GPU set your own (SERVE_ARGS= lets vLLM size the cache from --gpu-memory-utilization).
 SERVE_ARGS ?= --kv-cache-memory-bytes 2147483648
 
-.PHONY: setup test serve bench clean
+.PHONY: setup test serve bench bench-capacity clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ serve: setup $(if $(filter models/%,$(MODEL)),$(MODEL))
 
 bench: setup
 	$(PY) bench/decode_throughput.py
+
+# Decode throughput at each model's largest batch in 4 GiB of KV/state, 4K to 64K: SmolLM2-135M
+# against its Jet-Nemotron layout and vLLM's GDN hybrid, the official 2B against Qwen2.5-1.5B
+# (bench/capacity_throughput.py; CAPACITY_ARGS: more options, --help lists them).
+bench-capacity: setup
+	$(PY) bench/capacity_throughput.py $(CAPACITY_ARGS)
 
 clean:
 	rm -rf $(VENV) models bench/results

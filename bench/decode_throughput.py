@@ -52,9 +52,10 @@ import traceback
 from pathlib import Path
 
 import decode_profile
-from decode_engine import (bench_layout, context_label, environment, in_child, in_process_engine_env, mixer_summary,
-                           official_layout, prefill_once, random_tokens, shared_prefix_batch, shared_prompt,
-                           start_engine, stop_engine, time_batch, write_models)
+from decode_engine import (bench_layout, capacity_in_worker, context_label, engine_info, environment, in_child,
+                           in_process_engine_env, mixer_summary, official_layout, prefill_once, random_tokens,
+                           shared_prefix_batch, shared_prompt, start_engine, state_bytes_of, stop_engine,
+                           time_batch, write_models)
 
 # Plain-data results of a worker-side function come back through vLLM's RPC; sending the
 # function itself needs vLLM's pickle fallback (local processes of this run only).
@@ -87,75 +88,7 @@ def analytic_bytes_per_sequence(kind: str, cfgs: dict, num_tokens: int, state_by
             + n_gdn * (m["conv_state_elements"] * 2 + m["recurrent_state_elements"] * state_bytes))
 
 
-# ----- what the worker reports about its KV/state cache ----------------------------------
-
-
-def _capacity_in_worker(worker, lengths):
-    """Runs inside the vLLM worker: the engine's KV cache layout and vLLM's maximum
-    concurrency at each sequence length, as plain data."""
-    import copy as _copy
-
-    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
-
-    kcfg = worker.model_runner.kv_cache_config
-    vcfg = worker.vllm_config
-    groups = []
-    for g in kcfg.kv_cache_groups:
-        spec = g.kv_cache_spec
-        info = {"spec": type(spec).__name__, "num_layers": len(g.layer_names),
-                "block_size": int(spec.block_size), "page_size_bytes": int(spec.page_size_bytes)}
-        if hasattr(spec, "dtypes"):
-            info["state_dtypes"] = [str(d) for d in spec.dtypes]
-            info["state_shapes"] = [list(s) for s in spec.shapes]
-            info["real_page_size_bytes"] = int(spec.real_page_size_bytes)
-        if hasattr(spec, "sliding_window") and getattr(spec, "sliding_window", None):
-            info["sliding_window"] = int(spec.sliding_window)
-        groups.append(info)
-    result = {
-        "num_blocks": int(kcfg.num_blocks),
-        # tensors of different cache groups alias one allocation: take its extent
-        "allocated_bytes": int(max(t.offset + t.size for t in kcfg.kv_cache_tensors)),
-        "mamba_cache_mode": str(vcfg.cache_config.mamba_cache_mode),
-        "groups": groups,
-        "max_concurrency": {},
-        "blocks_per_request": {},
-    }
-    for n in lengths:
-        cfg = _copy.copy(vcfg)
-        model_config = _copy.copy(vcfg.model_config)
-        model_config.max_model_len = int(n)
-        object.__setattr__(cfg, "model_config", model_config)
-        result["max_concurrency"][str(n)] = float(get_max_concurrency_for_kv_cache_config(cfg, kcfg))
-        result["blocks_per_request"][str(n)] = [
-            int(-(-g.kv_cache_spec.max_memory_usage_bytes(cfg) // g.kv_cache_spec.page_size_bytes))
-            for g in kcfg.kv_cache_groups]
-    return result
-
-
-def state_bytes_of(capacity: dict | None) -> int:
-    """Bytes per element of the recurrent state the engine allocated (float32 on AVX-512 CPUs)."""
-    for g in (capacity or {}).get("groups", []):
-        if "state_dtypes" in g:
-            return 4 if "float32" in g["state_dtypes"][-1] else 2
-    return 2
-
-
 # ----- measurement -----------------------------------------------------------------------
-
-
-def engine_info(llm, args, max_len: int) -> dict:
-    engine = llm.llm_engine
-    cc = engine.vllm_config.cache_config
-    return {
-        "num_gpu_blocks": cc.num_gpu_blocks, "block_size": cc.block_size,
-        "enable_prefix_caching": cc.enable_prefix_caching,
-        "mamba_cache_mode": str(cc.mamba_cache_mode),
-        "mamba_ssm_cache_dtype": str(getattr(cc, "mamba_ssm_cache_dtype", None)),
-        "kv_cache_memory_bytes": args.kv_bytes,
-        "max_model_len": max_len,
-        "max_num_batched_tokens": engine.vllm_config.scheduler_config.max_num_batched_tokens,
-        "logged_max_concurrency_at_max_model_len": getattr(cc, "kv_cache_max_concurrency", None),
-    }
 
 
 def max_tokens_for(args) -> int:
@@ -181,7 +114,7 @@ def bench_model(kind: str, path: Path, args, max_len: int, capacity_lengths: lis
         result["cache_config"] = engine_info(llm, args, max_len)
         try:
             result["capacity"] = llm.collective_rpc(
-                _capacity_in_worker, args=(capacity_lengths,), timeout=120)[0]
+                capacity_in_worker, args=(capacity_lengths,), timeout=120)[0]
         except Exception as e:  # noqa: BLE001 - capacity then comes from bytes only
             print(f"[{kind}] could not read the worker's KV cache config: {e!r}", flush=True)
             result["capacity"] = None
