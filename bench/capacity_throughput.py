@@ -34,6 +34,15 @@ For each model and context length L, in an engine of its own (one spawned proces
    Decode tokens/s = tokens generated over `--decode-steps` steps in which the whole batch decodes
    / their time (vLLM's engine-core step timestamps).
 
+**vLLM's own tool** (`--vllm-bench-lengths`, default 8K and 32K, the smollm2 pair's jet and
+twin): `python -m vllm_jetnemotron serve` with the same budget and that model's batch as
+`--max-num-seqs`, then `python -m vllm_jetnemotron bench serve` with the same shape of workload
+(`--dataset-name prefix_repetition`: one prefix of the context length, 32-token suffixes, the
+batch as `--num-prompts` and `--max-concurrency`, `--ignore-eos`). Its initial test request
+prefills the prefix, so the timed requests find it cached, as here. Its "output token
+throughput" counts the batch filling and emptying (and HTTP streaming on the same two cores);
+batch / its median TPOT is the figure comparable to decode tokens/s here (median step).
+
 Positions beyond a configuration's `max_position_embeddings` come from an override (speed does
 not depend on the values). Writes bench/results/capacity_throughput.json and .png and prints the
 table (Markdown) that the README shows.
@@ -44,9 +53,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from pathlib import Path
 
 from decode_engine import (capacity_in_worker, context_label, engine_info, environment, in_child,
@@ -165,6 +178,96 @@ def _model_job(kind: str, path: str, args, max_len: int, out: str) -> None:
     Path(out).write_text(json.dumps(r, default=str))
 
 
+# ----- vLLM's own benchmark command -------------------------------------------------------
+
+
+def vllm_cli(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "vllm_jetnemotron", *argv]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prometheus_counters(text: str) -> dict[str, float]:
+    """Unlabelled sums of the counters in a Prometheus text page (labels dropped)."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            name = name.split("{")[0]
+            try:
+                sums[name] = sums.get(name, 0.0) + float(value)
+            except ValueError:
+                continue
+    return sums
+
+
+def vllm_bench_serve(folder: Path, length: int, batch: int, args, max_len: int, log_dir: Path) -> dict:
+    """`vllm serve` on `folder` with this bench's budget and `batch` sequences at most, and
+    `vllm bench serve` on it: `batch` requests of one shared `length`-token prefix plus distinct
+    suffixes, all at once. Returns the commands and vLLM's result JSON."""
+    port = _free_port()
+    output_tokens = batch + 4 * args.decode_steps
+    serve = vllm_cli("serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
+                     "--load-format", "dummy", "--kv-cache-memory-bytes", str(args.kv_bytes),
+                     "--max-model-len", str(max_len), "--max-num-seqs", str(batch), "--enable-prefix-caching")
+    result_file = log_dir / f"{folder.name}-{length}.json"
+    bench = vllm_cli("bench", "serve", "--backend", "vllm", "--model", str(folder),
+                     "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "prefix_repetition",
+                     "--prefix-repetition-prefix-len", str(length), "--prefix-repetition-suffix-len",
+                     str(args.suffix_tokens), "--prefix-repetition-num-prefixes", "1",
+                     "--prefix-repetition-output-len", str(output_tokens), "--num-prompts", str(batch),
+                     "--max-concurrency", str(batch), "--ignore-eos", "--temperature", "0", "--seed", "0",
+                     "--disable-tqdm", "--save-result", "--result-dir", str(log_dir),
+                     "--result-filename", result_file.name)
+    log_path = log_dir / f"{folder.name}-{length}.serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {server.returncode}: {log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vllm serve not healthy after 900 s: {log_path.read_text()[-3000:]}")
+            time.sleep(2)
+        t0 = time.monotonic()
+        done = subprocess.run(bench, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"vllm bench serve failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}")
+        result = json.loads(result_file.read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            counters = prometheus_counters(r.read().decode())
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    keep = ("duration", "completed", "total_output_tokens", "output_throughput", "mean_tpot_ms",
+            "median_tpot_ms", "mean_ttft_ms", "median_ttft_ms")
+    out = {k: result.get(k) for k in keep}
+    # the server's whole life: the initial test request (which prefills the prefix) included
+    out["server_prefix_cache"] = {k: counters.get(f"vllm:prefix_cache_{k}_total") for k in ("queries", "hits")}
+    out["server_preemptions"] = counters.get("vllm:num_preemptions_total")
+    out.update({"batch": batch, "output_tokens_per_request": output_tokens, "wall_s": time.monotonic() - t0,
+                "batch_over_median_tpot": batch / (result["median_tpot_ms"] / 1e3) if result.get("median_tpot_ms") else None,
+                "serve_command": " ".join(["vllm"] + serve[3:]), "bench_command": " ".join(["vllm"] + bench[3:])})
+    print(f"[vllm bench serve] {folder.name} L={length} batch {batch}: output {out['output_throughput']:.1f} tok/s, "
+          f"median TPOT {out['median_tpot_ms']:.0f} ms -> {out['batch_over_median_tpot']:.1f} tok/s; prefix cache "
+          f"{out['server_prefix_cache']}, preemptions {out['server_preemptions']}", flush=True)
+    return out
+
+
 def run_pair(name: str, args) -> dict:
     pair = PAIRS[name]
     layout = pair["layout"]()
@@ -182,9 +285,27 @@ def run_pair(name: str, args) -> dict:
                                                      "lengths": {}}
             results[kind]["wall_s"] = time.monotonic() - t0
             print(f"[{name}/{kind}] done in {results[kind]['wall_s'] / 60:.1f} min", flush=True)
+        vllm_bench = {}
+        if name == "smollm2":
+            log_dir = args.out / "capacity_vllm_bench"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            for kind in [k for k in ("jet", "twin") if k in models]:
+                for length in [n for n in args.vllm_bench_lengths if n in lengths]:
+                    decode = results[kind].get("lengths", {}).get(str(length), {}).get("decode")
+                    if decode is None:
+                        continue
+                    key = f"{kind}/{length}"
+                    try:
+                        vllm_bench[key] = vllm_bench_serve(dirs[kind], length, decode["batch"], args, max_len, log_dir)
+                    except Exception as e:  # noqa: BLE001 - keep the rest of the run
+                        traceback.print_exc()
+                        vllm_bench[key] = {"error": repr(e)}
+                    vllm_bench[key]["this_bench_tokens_per_s"] = decode["decode_tokens_per_s"]
+                    vllm_bench[key]["this_bench_tokens_per_s_median_step"] = decode["decode_tokens_per_s_median_step"]
     configs = {k: (cfgs[k].to_dict() if k == "jet" else cfgs[k]) for k in models}
     return {"layout": layout, "lengths": lengths, "models": results, "configs": configs,
-            "mixers": mixer_summary(cfgs), "rows": summarize(results, lengths, models, args)}
+            "mixers": mixer_summary(cfgs), "rows": summarize(results, lengths, models, args),
+            "vllm_bench_serve": vllm_bench}
 
 
 # ----- report ------------------------------------------------------------------------------
@@ -245,6 +366,20 @@ def pair_table(name: str, pair: dict, args) -> str:
     return "\n".join(lines)
 
 
+def vllm_bench_table(pair: dict) -> str:
+    lines = ["| model, context | batch | this bench: decode tok/s (median step) | vllm bench serve: output tok/s | "
+             "batch / median TPOT | difference (median step vs TPOT) |", "|---|---:|---:|---:|---:|---:|"]
+    for key, r in pair["vllm_bench_serve"].items():
+        kind, length = key.split("/")
+        if "error" in r:
+            lines.append(f"| {kind}, {context_label(int(length))} | - | - | error | - | - |")
+            continue
+        ours, theirs = r["this_bench_tokens_per_s_median_step"], r["batch_over_median_tpot"]
+        lines.append(f"| {kind}, {context_label(int(length))} | {r['batch']} | {r['this_bench_tokens_per_s']:.1f} "
+                     f"({ours:.1f}) | {r['output_throughput']:.1f} | {theirs:.1f} | {100 * (theirs / ours - 1):+.0f}% |")
+    return "\n".join(lines)
+
+
 def describe(name: str, pair: dict, args) -> str:
     cfg = pair["configs"]
     jet = cfg["jet"]
@@ -254,8 +389,9 @@ def describe(name: str, pair: dict, args) -> str:
     text = (f"**{name}**: hidden {jet['hidden_size']}, MLP {jet['intermediate_size']}, {len(types)} layers, "
             f"vocabulary {jet['vocab_size']}. Jet-Nemotron: {types.count('jet')} JetBlocks ({j['heads']} heads, "
             f"K = {j['head_k_dim']}, V = {j['head_v_dim']}) + {types.count('attn')} `attn` + {types.count('swa')} "
-            f"`swa` (window {jet['efficient_attention_config']['swa']['window_size']}); twin: "
-            f"{cfg['twin']['architectures'][0]} with full attention in every layer")
+            f"`swa` (window {jet['efficient_attention_config']['swa']['window_size']})")
+    if "twin" in cfg:
+        text += f"; twin: {cfg['twin']['architectures'][0]} with full attention in every layer"
     if "hybrid" in cfg:
         hyb = cfg["hybrid"]["layer_types"]
         text += (f"; hybrid: {hyb.count('linear_attention')} GDN layers ({g['heads']} heads, K = V = "
@@ -314,6 +450,9 @@ def parse_args(argv):
     parser.add_argument("--decode-steps", type=int, default=16, help="decode steps timed with the whole batch running")
     parser.add_argument("--prefill-length", type=int, default=32768,
                         help="the length whose prompt is prefilled from scratch (default 32K)")
+    parser.add_argument("--vllm-bench-lengths", type=int, nargs="*", default=[8192, 32768],
+                        help="smollm2 pair: context lengths also measured by `vllm bench serve` (default 8K "
+                             "32K; none to skip)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's CPU compilation")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -341,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
             f"the previous length."]
     for name, pair in out["pairs"].items():
         text += ["", describe(name, pair, args), "", pair_table(name, pair, args)]
+        if pair["vllm_bench_serve"]:
+            text += ["", f"vLLM's own benchmark on the {name} pair (`vllm serve` + `vllm bench serve`, commands in "
+                     "the JSON):", "", vllm_bench_table(pair)]
     out["table"] = "\n".join(text)
     out["wall_time_s"] = time.monotonic() - wall0
     (args.out / "capacity_throughput.json").write_text(json.dumps(out, indent=2, default=str))
