@@ -24,7 +24,10 @@ own log, each timed, none stopping the others:
                              the PyTorch token loop, loss and every gradient (needs transformers)
     kernel_benchmarks        bench/kernels_gpu.py (Triton vs PyTorch at 2B shapes)
     vllm_tests               pytest tests, without the two Triton-interpreter modules (only
-                             where vllm and pytest are installed)
+                             where vllm and pytest are installed), under the model runner the
+                             installed vLLM picks (Model Runner V2 on CUDA from 0.32 on)
+    vllm_tests_v1            the same tests under Model Runner V1 (VLLM_USE_V2_MODEL_RUNNER=0;
+                             skipped where the installed vLLM has no V1 runner, as 0.34)
     decode_benchmark         bench/decode_throughput.py at full 2B dims (only with vllm)
 
 Results in --out (default bench/results/gpu_check/): summary.json (per part: status
@@ -65,6 +68,7 @@ PARTS = {
     "converter_training_step": (90, "transformers"),
     "kernel_benchmarks": (120, "cuda"),
     "vllm_tests": (420, "vllm"),
+    "vllm_tests_v1": (420, "vllm_v1"),
     "decode_benchmark": (300, "vllm"),
 }
 
@@ -106,6 +110,18 @@ def build_shim(where: Path) -> Path:
     (package / "__init__.py").write_text(SHIM_INIT.format(
         repo=REPO, package=str(REPO / "vllm_jetnemotron"), init=str(REPO / "vllm_jetnemotron" / "__init__.py")))
     return where
+
+
+def vllm_has_v1_runner() -> bool:
+    """Whether the installed vLLM can still run Model Runner V1 on request (read from its
+    files, vLLM not imported): 0.32 and 0.33 choose by VLLM_USE_V2_MODEL_RUNNER, 0.34 deleted V1."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    root = Path(next(iter(spec.submodule_search_locations)))
+    envs = root / "envs.py"
+    return ((root / "v1" / "worker" / "gpu_model_runner.py").is_file() and envs.is_file()
+            and "VLLM_USE_V2_MODEL_RUNNER" in envs.read_text())
 
 
 def installed(module: str) -> bool:
@@ -348,14 +364,14 @@ def external_command(part: str, args, out: Path) -> tuple[list[str] | None, str]
     py = sys.executable
     if part == "kernel_benchmarks":
         return [py, str(BENCH / "kernels_gpu.py"), "--out", str(out / "kernel_benchmarks")], ""
-    if part == "vllm_tests":
+    if part in ("vllm_tests", "vllm_tests_v1"):
         # Not the two interpreter modules: importing them sets TRITON_INTERPRET=1 for the
         # whole pytest process, which the vLLM engines of later tests would inherit and then
         # interpret their own Triton kernels on the GPU; what they check runs compiled on CUDA
         # in kernels_vs_pytorch and kernels_vs_vllm_fla.
         return [py, "-m", "pytest", "tests", "-q", "-rfE", "-p", "no:cacheprovider",
                 *(f"--ignore={REPO / 'tests' / name}" for name in INTERPRETER_TEST_MODULES),
-                f"--junitxml={out / 'vllm_tests.xml'}"], f"without {', '.join(INTERPRETER_TEST_MODULES)}"
+                f"--junitxml={out / f'{part}.xml'}"], f"without {', '.join(INTERPRETER_TEST_MODULES)}"
     if part == "decode_benchmark":
         script = BENCH / "decode_throughput.py"
         if not script.is_file():
@@ -385,13 +401,15 @@ def skip_reason(part: str, args) -> str | None:
         return "no FLA ops: vllm is not installed and no --fla-dir / FLA_DIR was given"
     if need == "transformers" and not installed("transformers"):
         return "needs transformers (the converter's model is a Hugging Face PreTrainedModel)"
-    if need == "vllm":
+    if need in ("vllm", "vllm_v1"):
         if args.device != "cuda":
             return "needs vLLM on CUDA (CPU dry run)"
         if not installed("vllm"):
             return "vllm is not installed"
-        if part == "vllm_tests" and not installed("pytest"):
+        if part.startswith("vllm_tests") and not installed("pytest"):
             return "pytest is not installed"
+        if need == "vllm_v1" and not vllm_has_v1_runner():
+            return "the installed vLLM has no Model Runner V1 (removed in 0.34)"
     return None
 
 
@@ -428,7 +446,9 @@ def run_part(part: str, args, out: Path, seconds: float) -> dict:
         command, extra = external_command(part, args, out)
         if command is None:
             return {"status": "skipped", "seconds": 0.0, "detail": extra}
-        if part in ("vllm_tests", "decode_benchmark"):
+        if part == "vllm_tests_v1":
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        if part in ("vllm_tests", "vllm_tests_v1", "decode_benchmark"):
             if project_installed():  # vLLM finds the plugin through the installed entry point
                 env["PYTHONPATH"] = os.pathsep.join(p for p in env["PYTHONPATH"].split(os.pathsep) if p != str(_SHIM))
             else:
@@ -461,8 +481,8 @@ def run_part(part: str, args, out: Path, seconds: float) -> dict:
     else:
         entry["status"] = "pass" if rc == 0 else "fail"
         entry["detail"] = f"exit status {rc}"
-        if part == "vllm_tests":
-            entry["detail"] = junit_counts(out / "vllm_tests.xml") or entry["detail"]
+        if part.startswith("vllm_tests"):
+            entry["detail"] = junit_counts(out / f"{part}.xml") or entry["detail"]
     if timed_out:
         entry["status"] = "fail"
         done = len(entry.get("cases", []))
