@@ -124,7 +124,8 @@ def prompt_for(length: int, args) -> list[int]:
 def bench_model(kind: str, path: Path, args, max_len: int) -> dict:
     result: dict = {"lengths": {}}
     try:
-        llm, result["engine_start_s"] = start_engine(kind, path, args, max_len, max_num_seqs=args.max_num_seqs)
+        llm, result["engine_start_s"] = start_engine(kind, path, args, max_len, max_num_seqs=args.max_num_seqs,
+                                                     mamba_ssm_cache_dtype=args.state_dtype)
     except Exception as e:  # noqa: BLE001 - record and go on with the other models
         traceback.print_exc()
         return {"error": f"engine did not start: {e!r}", "lengths": {}}
@@ -213,7 +214,8 @@ def vllm_bench_serve(folder: Path, length: int, batch: int, args, max_len: int, 
     output_tokens = batch + 4 * args.decode_steps
     serve = vllm_cli("serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
                      "--load-format", "dummy", "--kv-cache-memory-bytes", str(args.kv_bytes),
-                     "--max-model-len", str(max_len), "--max-num-seqs", str(batch), "--enable-prefix-caching")
+                     "--max-model-len", str(max_len), "--max-num-seqs", str(batch), "--enable-prefix-caching",
+                     "--mamba-ssm-cache-dtype", args.state_dtype)
     result_file = log_dir / f"{folder.name}-{length}.json"
     bench = vllm_cli("bench", "serve", "--backend", "vllm", "--model", str(folder),
                      "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "prefix_repetition",
@@ -453,6 +455,9 @@ def parse_args(argv):
     parser.add_argument("--vllm-bench-lengths", type=int, nargs="*", default=[8192, 32768],
                         help="smollm2 pair: context lengths also measured by `vllm bench serve` (default 8K "
                              "32K; none to skip)")
+    parser.add_argument("--state-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="vLLM's mamba_ssm_cache_dtype: the recurrent states' dtype (auto: float32 for "
+                             "gated delta rule layers, as vLLM keeps GDN states)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's CPU compilation")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

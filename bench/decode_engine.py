@@ -258,9 +258,10 @@ def shared_prompt(length: int, args) -> list[int]:
     return random_tokens(max(args.lengths), seed=1)[:length]
 
 
-def start_engine(kind: str, path: Path, args, max_len: int, max_num_seqs: int | None = None):
+def start_engine(kind: str, path: Path, args, max_len: int, max_num_seqs: int | None = None, **engine_args):
     """vLLM's offline engine on `path` (dummy bf16 weights, prefix caching on, `args.kv_bytes`
-    of KV/state); at most `max_num_seqs` sequences per step (default: the bench's batch)."""
+    of KV/state); at most `max_num_seqs` sequences per step (default: the bench's batch);
+    `engine_args`: more of vLLM's engine arguments."""
     from vllm import LLM
 
     print(f"\n=== {kind}: starting vLLM ({path}) ===", flush=True)
@@ -269,7 +270,8 @@ def start_engine(kind: str, path: Path, args, max_len: int, max_num_seqs: int | 
               kv_cache_memory_bytes=args.kv_bytes, max_model_len=max_len,
               max_num_seqs=max_num_seqs or max(args.batch, 8), enforce_eager=args.eager, enable_prefix_caching=True,
               disable_log_stats=False, seed=0,
-              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}))
+              **({"max_num_batched_tokens": args.max_num_batched_tokens} if args.max_num_batched_tokens else {}),
+              **engine_args)
     return llm, time.monotonic() - t0
 
 
