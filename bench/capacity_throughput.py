@@ -132,6 +132,8 @@ def bench_model(kind: str, path: Path, args, max_len: int) -> dict:
     try:
         engine = llm.llm_engine
         result["cache_config"] = engine_info(llm, args, max_len)
+        # the cache groups as allocated: page sizes, the recurrent states' real dtypes and shapes
+        result["cache_layout"] = llm.collective_rpc(capacity_in_worker, args=([],), timeout=120)[0]
         print(f"[{kind}] warm-up", flush=True)
         time_batch(engine, [random_tokens(64, 999 + i) for i in range(4)], 8, 2, f"{kind}-warmup")
         for length in args.lengths:
