@@ -11,6 +11,10 @@ which vLLM only warns about). There it checks:
 
 * every `from vllm... import name` of the plugin's modules resolves (module and name), except
   a module the plugin imports under `except ModuleNotFoundError` (listed as skipped);
+* every patch's target, and what the model reads of vLLM (the GDN metadata the JetBlock reads,
+  `MambaBase`'s abstract methods), has the shape relied on (`patches.check_shapes`, before the
+  plugin registers: parameters, names in the code, fields, abstract methods), or the patch has
+  "no target" (the module of the code it changes is absent);
 * `plugin.register()` runs and the model modules import;
 * each patch of `vllm_jetnemotron/patches.py` whose target module exists reports what it did
   ("applied", "not needed", "no target"; a probe that needs compiled ops can only say "not
@@ -19,8 +23,9 @@ which vLLM only warns about). There it checks:
   triton-cpu), the demo checkpoint's configs build: plain, prefix caching, `eagle3`,
   `draft_model`, LoRA, pipeline parallelism.
 
-Exit status 1 names each import that does not resolve and each module that fails to import
-(patch statuses are a table, not a verdict).
+Exit status 1 names each import that does not resolve, each module that fails to import and
+each patch (or `JetBlock metadata`, `MambaBase`) whose target lacks what it relies on, with
+what it lacks (patch statuses are a table, not a verdict).
 It needs the network once per version (about 300 MB per wheel); CI does not run it. Run it
 before changing a patch or the supported versions.
 """
@@ -83,6 +88,7 @@ for path in sorted(package.glob("*.py")):
                     except Exception:
                         report["import_errors"].append(f"{where}: {node.module} has no {alias.name}")
 from vllm_jetnemotron import patches, plugin
+report["shapes"] = patches.check_shapes()
 for name in ("plugin", "model", "jet_block", "jet_block_metadata", "engine_config"):
     try:
         if name == "plugin":
@@ -179,7 +185,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", nargs="+", default=list(VERSIONS))
     args = parser.parse_args()
-    from vllm_jetnemotron.patches import PATCHES
+    from vllm_jetnemotron.patches import NO_TARGET, PATCHES, RELIES_ON, SHAPE_OK
 
     results = {v: check(v) for v in args.versions}
     print("| patch | " + " | ".join(args.versions) + " |")
@@ -187,6 +193,12 @@ def main() -> int:
     for patch in PATCHES:
         row = [results[v]["patches"].get(patch.module, "target not imported") for v in args.versions]
         print(f"| {patch.module} | " + " | ".join(row) + " |")
+    print("\n| shape relied on | " + " | ".join(args.versions) + " |")
+    print("|---|" + "---|" * len(args.versions))
+    for name in [p.module for p in PATCHES] + list(RELIES_ON):
+        row = [results[v].get("shapes", {}).get(name, "not checked") for v in args.versions]
+        print(f"| {name} | " + " | ".join(s if s in (SHAPE_OK, NO_TARGET, "not checked") else "CHANGED" for s in row)
+              + " |")
     failed = False
     for version, result in results.items():
         configs = result.get("configs", {})
@@ -195,8 +207,11 @@ def main() -> int:
         else:
             result["module_errors"] += [f"engine config {case}: {outcome}" for case, outcome in configs.items()
                                         if outcome != "ok"]
-        problems = result["import_errors"] + result["module_errors"]
-        verdict = "every import resolves, the plugin registers, the model modules import"
+        problems = result["import_errors"] + result["module_errors"] + [
+            f"shape of {name}: {shape}" for name, shape in result.get("shapes", {}).items()
+            if shape not in (SHAPE_OK, NO_TARGET)]
+        verdict = ("every import resolves, every target has the shape relied on, the plugin registers, "
+                   "the model modules import")
         if configs.get("plain") == "ok":
             verdict += ", engine configs build (prefix caching, eagle3, draft_model, LoRA, PP)"
         print(f"\nvLLM {version} (found {result['vllm']}): "
