@@ -577,7 +577,7 @@ def recurrent_vs_fla(fla, device, N, L, H, K, V, dtype, spec=False, gates=False,
 
 def varlen_spec_vs_fla(fla, device, lengths, L, H, K, V, dtype, route=None, seed=0) -> dict:
     """The speculative-decoding step as the JetBlock runs it: `kernels.dispatch.
-    fused_recurrent_gated_delta_rule_varlen` (sequences of different lengths, at most L
+    gated_delta_rule_spec_decode` (sequences of different lengths, at most L
     tokens, packed; per-token slots `[N, L]`, num_accepted_tokens; raw gates) against
     vLLM's `fused_sigmoid_gating_delta_rule_update` on the same packed tokens. One
     sequence is padded (slots -1 / 0). `route`: "triton" or "cpu" forces the dispatch's
@@ -605,7 +605,7 @@ def varlen_spec_vs_fla(fla, device, lengths, L, H, K, V, dtype, route=None, seed
     accepted = torch.randint(1, L + 1, (N,), generator=gen).to(torch.int32).to(device)
     forced = {} if route is None else {"_on_gpu": lambda t: route == "triton"}
     with mock.patch.multiple(dispatch, **forced) if forced else _nothing():
-        o = dispatch.fused_recurrent_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, accepted)
+        o = dispatch.gated_delta_rule_spec_decode(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, accepted)
     pool_fla = to_fla_layout(before)
     o_fla, _ = fla.fused_sigmoid_gating.fused_sigmoid_gating_delta_rule_update(
         A_log, a.contiguous(), b.contiguous(), dt_bias, q[None], k[None], v[None], beta=1.0, threshold=20.0,

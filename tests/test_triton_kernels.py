@@ -1,6 +1,7 @@
 """The Triton kernels against their naive references, on the CPU under Triton's
 interpreter: chunked and recurrent gated delta rule, dynamic causal conv (prefill and
-decode step), gated RMSNorm, the training autograd functions, and the device dispatch.
+decode step), gated RMSNorm, the training autograd functions, and the device dispatch
+(`kernels.dispatch` routed as on a GPU against its CPU route).
 
 Grid: head dims (K, V) in {(16, 32), (32, 64)} plus one (96, 256) case; packed
 sequences of lengths 1, 5, 64, 65, 130 (crossing the 64-token chunks); with and without
@@ -483,11 +484,11 @@ def test_gpu_decode_and_speculative_steps_make_no_host_sync(monkeypatch):
     def step(dispatch_on_gpu):
         monkeypatch.setattr(dispatch, "_on_gpu", lambda t: dispatch_on_gpu)
         p, c = pool.clone(), cpool.clone()
-        outs = [dispatch.dynamic_causal_conv_step(x[:3], kernels[:3], c[:, : W - 1], slots)]
-        outs.append(dispatch.gated_delta_rule_decode(q[:3], k[:3], v[:3], a[:3], b[:3], A_log, dt_bias, p, slots))
-        vs = dispatch.dynamic_causal_conv_spec_decode(x, kernels, cu, c, spec_slots[:, 0], accepted)
+        outs = [dispatch.dynamic_conv_step(x[:3], kernels[:3], c[:, : W - 1], slots)]
+        outs.append(dispatch.gated_delta_rule_step(q[:3], k[:3], v[:3], a[:3], b[:3], A_log, dt_bias, p, slots))
+        vs = dispatch.dynamic_conv_spec_decode(x, kernels, cu, c, spec_slots[:, 0], accepted)
         outs.append(vs)
-        outs.append(dispatch.fused_recurrent_gated_delta_rule_varlen(
+        outs.append(dispatch.gated_delta_rule_spec_decode(
             q, k, vs.view(7, H, V), a, b, A_log, dt_bias, cu, p, spec_slots, accepted))
         outs.append(dispatch.gated_rmsnorm(outs[-1], z, w, 1e-5))
         return outs, p, c
@@ -499,6 +500,42 @@ def test_gpu_decode_and_speculative_steps_make_no_host_sync(monkeypatch):
     for i, (g_out, c_out) in enumerate(zip(gpu_outs, cpu_outs)):
         rows = [0, 2] if i < 2 else real
         assert_close(g_out[rows], c_out[rows], torch.float32, f"output {i}")
+    assert_close(gpu_pool, cpu_pool, torch.float32, "recurrent states")
+    assert_close(gpu_cpool, cpu_cpool, torch.float32, "conv histories")
+
+
+def test_gpu_route_of_the_prefills_matches_the_cpu_route(monkeypatch):
+    # The prefills as the JetBlock calls them (raw gates, conv histories and states from
+    # pools, a padded sequence), routed as on a GPU (Triton, here interpreted) and on the
+    # CPU: the same outputs and pools. chunk_size 16 crosses chunks within the short sequences.
+    gen = torch.Generator().manual_seed(44)
+    K, V, W = 16, 32, 4
+    D = H * V
+    lengths = [19, 3, 7]
+    T = sum(lengths)
+    q, k, _, _, _ = gdn_inputs((T,), K, V, torch.float32, gen)
+    a, b = torch.randn(T, H, generator=gen), torch.randn(T, H, generator=gen)
+    A_log, dt_bias = torch.rand(H, generator=gen), torch.randn(H, generator=gen)
+    x, kernels = torch.randn(T, D, generator=gen), torch.randn(T, D, W, generator=gen)
+    pool = state_pool(NUM_SLOTS, K, V, torch.float32, gen)
+    cpool = torch.randn(NUM_SLOTS, W - 1, D, generator=gen)
+    slots = torch.tensor([4, -1, 1], dtype=torch.int32)
+    has = torch.tensor([True, True, False])
+    cu = packed(lengths)
+
+    def prefill(on_gpu):
+        monkeypatch.setattr(dispatch, "_on_gpu", lambda t: on_gpu)
+        p, c = pool.clone(), cpool.clone()
+        vs = dispatch.dynamic_conv_prefill(x, kernels, cu, c, slots, has)
+        o = dispatch.gated_delta_rule_prefill(q, k, vs.view(T, H, V), a, b, A_log, dt_bias, cu, p, slots, has,
+                                              chunk_size=16)
+        return [vs, o], p, c
+
+    gpu_outs, gpu_pool, gpu_cpool = prefill(True)
+    cpu_outs, cpu_pool, cpu_cpool = prefill(False)
+    real = [*range(0, 19), *range(22, 29)]  # tokens of the unpadded sequences
+    for i, (g_out, c_out) in enumerate(zip(gpu_outs, cpu_outs)):
+        assert_close(g_out[real], c_out[real], torch.float32, f"output {i}")
     assert_close(gpu_pool, cpu_pool, torch.float32, "recurrent states")
     assert_close(gpu_cpool, cpu_cpool, torch.float32, "conv histories")
 

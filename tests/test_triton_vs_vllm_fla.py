@@ -136,8 +136,8 @@ def test_gating_fused_in_matches_vllm(fla, spec):
 
 @pytest.mark.parametrize("route", ["triton", "cpu"])
 def test_varlen_speculative_step_matches_vllm(fla, route):
-    # the JetBlock's speculative step (kernels.dispatch: sequences of 1 to L tokens packed,
-    # raw gates), on the Triton route as on a GPU and on the CPU route
+    # the JetBlock's speculative step (kernels.dispatch.gated_delta_rule_spec_decode: sequences
+    # of 1 to L tokens packed, raw gates), on the Triton route as on a GPU and on the CPU route
     H, K, V = HEADS["2B"]
     kc.varlen_spec_vs_fla(fla, CPU, [3, 1, 4, 2, 1], 4, H, K, V, torch.float32, route=route, seed=4)
 

