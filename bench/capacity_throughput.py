@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from pathlib import Path
 from decode_engine import (capacity_in_worker, context_label, engine_info, environment, in_child,
                            in_process_engine_env, mixer_summary, official_layout, prefill_once, random_tokens,
                            shared_prefix_batch, smollm2_layout, start_engine, stop_engine, time_batch, write_models)
+from soak import free_port, start_server, stop_server
 
 # Plain-data results of a worker-side function come back through vLLM's RPC; sending the
 # function itself needs vLLM's pickle fallback (local processes of this run only).
@@ -188,12 +188,6 @@ def vllm_cli(*argv: str) -> list[str]:
     return [sys.executable, "-m", "vllm_jetnemotron", *argv]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def prometheus_counters(text: str) -> dict[str, float]:
     """Unlabelled sums of the counters in a Prometheus text page (labels dropped)."""
     sums: dict[str, float] = {}
@@ -212,7 +206,7 @@ def vllm_bench_serve(folder: Path, length: int, batch: int, args, max_len: int, 
     """`vllm serve` on `folder` with this bench's budget and `batch` sequences at most, and
     `vllm bench serve` on it: `batch` requests of one shared `length`-token prefix plus distinct
     suffixes, all at once. Returns the commands and vLLM's result JSON."""
-    port = _free_port()
+    port = free_port()
     output_tokens = batch + 4 * args.decode_steps
     serve = vllm_cli("serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
                      "--load-format", "dummy", "--kv-cache-memory-bytes", str(args.kv_bytes),
@@ -227,23 +221,9 @@ def vllm_bench_serve(folder: Path, length: int, batch: int, args, max_len: int, 
                      "--max-concurrency", str(batch), "--ignore-eos", "--temperature", "0", "--seed", "0",
                      "--disable-tqdm", "--save-result", "--result-dir", str(log_dir),
                      "--result-filename", result_file.name)
-    log_path = log_dir / f"{folder.name}-{length}.serve.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT)
+    server = start_server(serve, log_dir / f"{folder.name}-{length}.serve.log", f"http://127.0.0.1:{port}",
+                          timeout=900)
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {server.returncode}: {log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after 900 s: {log_path.read_text()[-3000:]}")
-            time.sleep(2)
         t0 = time.monotonic()
         done = subprocess.run(bench, capture_output=True, text=True)
         if done.returncode != 0:
@@ -252,11 +232,7 @@ def vllm_bench_serve(folder: Path, length: int, batch: int, args, max_len: int, 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
             counters = prometheus_counters(r.read().decode())
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
     keep = ("duration", "completed", "total_output_tokens", "output_throughput", "mean_tpot_ms",
             "median_tpot_ms", "mean_ttft_ms", "median_ttft_ms")
     out = {k: result.get(k) for k in keep}
