@@ -236,10 +236,11 @@ def test_dynamic_conv_stays_eager_when_compilation_fails(monkeypatch):
     assert compiled == [], "a failed compilation must switch the process to the eager loop"
 
 
-def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
-    # vLLM's C++ decode op (bf16 activations, float32 pool with a padded slot stride as in
-    # vLLM's hybrid cache pages) against the PyTorch step from the same raw gates; the op
-    # rounds beta and dt_bias to bf16, so states agree to ~1e-2 of their size, not 1e-5.
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch, state_dtype):
+    # vLLM's C++ decode op (bf16 activations, a float32 or bfloat16 pool with a padded slot
+    # stride as in vLLM's hybrid cache pages) against the PyTorch step from the same raw gates;
+    # the op rounds beta and dt_bias to bf16, so states agree to ~1e-2 of their size, not 1e-5.
     import vllm._custom_ops  # noqa: F401  (loads torch.ops._C)
 
     from vllm_jetnemotron.kernels import gated_delta_rule_step
@@ -251,7 +252,7 @@ def test_cpu_decode_fast_path_matches_the_pytorch_step(monkeypatch):
     v = torch.randn(N, H, V, generator=gen).bfloat16()
     a, b = (torch.randn(N, H, generator=gen).bfloat16() for _ in range(2))
     A_log, dt_bias = torch.rand(H, generator=gen).mul(15).add(1).log(), torch.randn(H, generator=gen)
-    pages = torch.randn(7, H * K * V + 64, generator=gen)
+    pages = torch.randn(7, H * K * V + 64, generator=gen).to(state_dtype)
     pool = pages[:, 32: 32 + H * K * V].view(7, H, K, V)  # slot stride > H * K * V
     slots = torch.tensor([5, 0, 6, 2], dtype=torch.int32)
     assert cpu._cpu_decode_op(q, k, v, a, b, pool, slots) is not None

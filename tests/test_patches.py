@@ -28,7 +28,7 @@ def statuses() -> dict[str, str]:
 
     plugin.register()
     for target in ("vllm.v1.worker.cpu_model_runner", "vllm.utils.cpu_triton_utils", "vllm.compilation.decorators",
-                   "vllm.v1.engine.async_llm", "vllm.entrypoints.openai.models.serving"):
+                   "vllm.v1.engine.async_llm", "vllm.entrypoints.openai.models.serving", "vllm.platforms.cpu"):
         importlib.import_module(target)
     from vllm.config import VllmConfig
 

