@@ -64,7 +64,7 @@ from pathlib import Path
 from decode_engine import (capacity_in_worker, context_label, engine_info, environment, in_child,
                            in_process_engine_env, mixer_summary, official_layout, prefill_once, random_tokens,
                            shared_prefix_batch, smollm2_layout, start_engine, stop_engine, time_batch, write_models)
-from soak import free_port, start_server, stop_server
+from server_process import free_port, start_server, stop_server
 
 # Plain-data results of a worker-side function come back through vLLM's RPC; sending the
 # function itself needs vLLM's pickle fallback (local processes of this run only).
@@ -434,8 +434,8 @@ def parse_args(argv):
                         help="smollm2 pair: context lengths also measured by `vllm bench serve` (default 8K "
                              "32K; none to skip)")
     parser.add_argument("--state-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="vLLM's mamba_ssm_cache_dtype: the recurrent states' dtype (auto: float32 for "
-                             "gated delta rule layers, as vLLM keeps GDN states)")
+                        help="vLLM's mamba_ssm_cache_dtype: the recurrent states' dtype (auto: vLLM's "
+                             "default, float32 on the CPU; bfloat16 halves the states' bytes)")
     parser.add_argument("--eager", action="store_true", help="enforce_eager instead of vLLM's CPU compilation")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)

@@ -22,7 +22,6 @@ import asyncio
 import json
 import random
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from pathlib import Path
 import httpx
 import openai
 import psutil
+
+from server_process import free_port, start_server, stop_server
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 SERVED_NAME = "jet-soak"
@@ -374,44 +375,6 @@ async def soak(args, base_url: str, process: subprocess.Popen) -> dict:
         "checks": checks,
         "passed": all(checks.values()),
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(command: list[str], log_path: Path, base_url: str, timeout: float = 600.0) -> subprocess.Popen:
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop_server(process)
-    raise RuntimeError(f"server did not become healthy (exit status {process.returncode}); see {log_path}")
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    """Terminates the server, then kills whatever is left of its process tree."""
-    try:
-        tree = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        tree = []
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for child in alive:
-        child.kill()
 
 
 def main() -> None:

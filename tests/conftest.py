@@ -6,17 +6,20 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
 from vllm_jetnemotron.converter.random_checkpoint import preset_config, write_random_checkpoint
+
+# bench/ at the end of the import path (so its evaluate.py hides no installed package):
+# server_process.py and kernel_checks.py, which the tests share with the benchmarks.
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.append(str(BENCH))
+from server_process import free_port, start_server, stop_server  # noqa: E402
 
 # vLLM on CPU: reserve a fixed KV/state budget instead of a fraction of host RAM.
 KV_BYTES = 256 << 20
@@ -161,6 +164,13 @@ def openai_client(base: str, api_key: str = "unused", timeout: float | None = 12
     return openai.OpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
 
+def async_openai_client(base: str, timeout: float | None = 300):
+    """`openai_client`'s asyncio counterpart, for many requests at once (hence the longer timeout)."""
+    import openai
+
+    return openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=timeout)
+
+
 def random_prompts(lengths, seed: int = 0, vocab: int = 151000) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -170,11 +180,8 @@ def as_inputs(prompts: list[list[int]]):
     return [{"prompt_token_ids": p} for p in prompts]
 
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Seconds a test server gets to answer /health.
+SERVER_START_TIMEOUT = 300
 
 
 def serve_command(model: str, port: int, *args: str) -> list[str]:
@@ -184,42 +191,16 @@ def serve_command(model: str, port: int, *args: str) -> list[str]:
             "--kv-cache-memory-bytes", str(KV_BYTES), *args]
 
 
-def wait_until_healthy(process: subprocess.Popen, base: str, log_path, timeout: float = 300) -> None:
-    """Poll `base`/health until it answers 200; raise with the log's tail if the server
-    exits first or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"server did not become healthy:\n{log_path.read_text()[-4000:]}")
-        time.sleep(1)
-
-
 @contextlib.contextmanager
 def serving(model: str, log_path, *args: str, env: dict | None = None):
-    """A `serve_command` process; yields its base URL once healthy, stops it after."""
+    """A `serve_command` process; yields its base URL once healthy, stops its process tree after."""
     port = free_port()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(serve_command(model, port, *args), stdout=log,
-                                   stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    process = start_server(serve_command(model, port, *args), log_path, base, timeout=SERVER_START_TIMEOUT, env=env)
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_healthy(process, base, log_path)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_server(process)
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

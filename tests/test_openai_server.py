@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import EXAMPLES, as_inputs, greedy, load_example, openai_client, random_prompts, serving, token_ids
+from conftest import (EXAMPLES, as_inputs, async_openai_client, greedy, load_example, openai_client, random_prompts,
+                      serving, token_ids)
 
 MAX_MODEL_LEN = 1024
 SERVED_NAME = "jet-tiny"
@@ -127,7 +128,7 @@ def test_n_samples_with_seed_are_reproducible(client):
 
 def test_64_concurrent_requests_then_no_state_leaks(server, offline):
     prompts, expected = offline["long_prompts"], offline["concurrent"]
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = async_openai_client(server)
 
     async def complete(i):
         response = await client.completions.create(
@@ -146,7 +147,7 @@ def test_64_concurrent_requests_then_no_state_leaks(server, offline):
 
 def test_cancelled_streams_release_their_states(server):
     prompts = random_prompts([20, 200, 60, 400], seed=11)
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=300)
+    client = async_openai_client(server)
 
     async def stream(i, cancel):
         response = await client.completions.create(

@@ -7,10 +7,9 @@ a prompt was prefilled in, which is what vLLM's generator rewind is for."""
 import asyncio
 
 import httpx
-import openai
 import pytest
 
-from conftest import openai_client, random_prompts, running_llm, serving
+from conftest import async_openai_client, openai_client, random_prompts, running_llm, serving
 from test_openai_server import SERVED_NAME
 
 MAX_MODEL_LEN = 4096
@@ -78,8 +77,7 @@ def test_a_different_seed_gives_different_samples(client, seeded):
 
 def test_seeded_requests_in_flight_together(server, seeded):
     """Seeded multi-step prefills batched with each other and with unseeded requests."""
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0,
-                                timeout=300)
+    client = async_openai_client(server)
 
     async def seeded_request(i):
         response = await client.completions.create(

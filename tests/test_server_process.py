@@ -15,7 +15,8 @@ import openai
 import psutil
 import pytest
 
-from conftest import free_port, openai_client, serve_command, wait_until_healthy
+from conftest import SERVER_START_TIMEOUT, openai_client, serve_command
+from server_process import free_port, spawn_server, wait_until_healthy
 from vllm_jetnemotron import exit_with_parent
 
 API_KEY = "test-key-3f9a"
@@ -30,13 +31,12 @@ class Server:
         port = free_port()
         command = serve_command(checkpoint, port, "--api-key", API_KEY, "--served-model-name", SERVED_NAME,
                                 "--max-model-len", str(max_model_len))
-        with open(log_path, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.process = spawn_server(command, log_path)
         self.tree = [psutil.Process(self.process.pid)]  # the API server and, once up, its descendants
         self.base = f"http://127.0.0.1:{port}"
 
     def wait_until_healthy(self) -> None:
-        wait_until_healthy(self.process, self.base, self.log_path)
+        wait_until_healthy(self.process, self.base, self.log_path, timeout=SERVER_START_TIMEOUT)
         self.tree += self.tree[0].children(recursive=True)
 
     def kill_tree(self) -> None:
