@@ -3,19 +3,21 @@
 Two oracles:
 
 * the PyTorch definitions of `kernels/*/naive.py` (token-by-token gated delta rule,
-  unfold conv, plain gated RMSNorm), the same comparisons as tests/test_triton_kernels.py
-  but on a chosen device and at any shape;
+  unfold conv, plain gated RMSNorm): the `*_vs_definition` checks, which
+  tests/test_triton_kernels.py runs at its small shapes (CPU tensors under
+  TRITON_INTERPRET=1) and bench/gpu_check.py on a chosen device at any shape;
 * vLLM's bundled flash-linear-attention ops (`vllm_fla.load()`), an implementation of the
   same gated delta rule written by other people, called the way vLLM's own GDN layer
   calls them: states `[H, V, K]` (transposed from this project's `[H, K, V]`), the
   initial states of a prefill gathered from the pool and the final ones scattered back,
   decode and speculative steps updating the pool in place through `ssm_state_indices`.
 
-Used by tests/test_triton_vs_vllm_fla.py (CPU tensors under TRITON_INTERPRET=1, small
-shapes) and by bench/gpu_check.py (CUDA; the interpreter grid plus the Jet-Nemotron 2B
-and 4B head shapes and long varlen batches). Every check returns its figures (largest
-absolute error and that error relative to the largest reference value, per compared
-tensor) and raises `CheckFailed` (an AssertionError) naming what disagreed.
+Used by tests/test_triton_kernels.py and tests/test_triton_vs_vllm_fla.py (CPU tensors
+under TRITON_INTERPRET=1, small shapes) and by bench/gpu_check.py (CUDA; the interpreter
+grid plus the Jet-Nemotron 2B and 4B head shapes and long varlen batches). Every check
+returns its figures (largest absolute error and that error relative to the largest
+reference value, per compared tensor) and raises `CheckFailed` (an AssertionError)
+naming what disagreed.
 
 Conventions that differ between the implementations, and how the checks deal with them:
 
@@ -78,6 +80,8 @@ def compare(what: str, actual: torch.Tensor, expected: torch.Tensor, atol: float
         return {"max_abs_err": 0.0, "max_rel_err": 0.0}
     if not torch.isfinite(a).all():
         raise CheckFailed(f"{what}: {int((~torch.isfinite(a)).sum())} non-finite values")
+    if not torch.isfinite(e).all():
+        raise CheckFailed(f"{what}: {int((~torch.isfinite(e)).sum())} non-finite values in the reference")
     diff = (a - e).abs()
     max_abs = float(diff.max())
     scale = float(e.abs().max())
@@ -97,6 +101,11 @@ def unchanged(what: str, actual: torch.Tensor, before: torch.Tensor) -> None:
     if not torch.equal(actual, before):
         rows = sorted({int(i) for i in (actual != before).nonzero()[:, 0].tolist()})
         raise CheckFailed(f"{what}: rows {rows[:8]} changed")
+
+
+def dtype_and_shape(what: str, actual: torch.Tensor, dtype, shape) -> None:
+    if actual.dtype != dtype or actual.shape != shape:
+        raise CheckFailed(f"{what}: {actual.dtype} {tuple(actual.shape)}, expected {dtype} {tuple(shape)}")
 
 
 class Figures(dict):
@@ -136,7 +145,11 @@ def gate_inputs(shape: tuple, H: int, dtype, gen, device):
     return tuple(x.to(device) for x in (a, b, A_log, dt_bias))
 
 
-def random_pool(num_slots: int, H: int, K: int, V: int, gen, device, dtype=torch.float32) -> torch.Tensor:
+def random_pool(num_slots: int, H: int, K: int, V: int, gen, device, dtype=torch.float32,
+                strided: bool = False) -> torch.Tensor:
+    """`[num_slots, H, K, V]` states; `strided`: a transposed view of a `[.., V, K]` buffer."""
+    if strided:
+        return random_pool(num_slots, H, V, K, gen, device, dtype).transpose(-1, -2)
     return (0.5 * torch.randn(num_slots, H, K, V, generator=gen)).to(dtype).to(device)
 
 
@@ -207,21 +220,20 @@ def _chunking(chunk_size):
 
 
 def chunk_vs_definition(device, H, K, V, lengths, dtype, slots, has_state, num_slots, chunk_size=None,
-                        strided_pool=False, seed=0, tol_scale=1.0) -> dict:
-    """Varlen Triton prefill reading/writing a pool, per sequence against the token loop."""
+                        strided_pool=False, pool_dtype=torch.float32, seed=0, tol_scale=1.0) -> dict:
+    """Varlen Triton prefill reading/writing a pool, per sequence against the token loop.
+    `strided_pool`: a transposed view of a `[.., V, K]` buffer; `pool_dtype`: the states'."""
     from vllm_jetnemotron.kernels.gated_delta_rule import triton_chunk
 
     gen = generator(seed)
     cu = cu_seqlens(lengths, device)
     q, k, v, g, beta = gdn_inputs((sum(lengths),), H, K, V, dtype, gen, device)
-    if strided_pool:  # a transposed view of a [.., V, K] buffer
-        pool = random_pool(num_slots, H, V, K, gen, device).transpose(-1, -2)
-    else:
-        pool = random_pool(num_slots, H, K, V, gen, device)
+    pool = random_pool(num_slots, H, K, V, gen, device, pool_dtype, strided=strided_pool)
     before = pool.clone()
     o = triton_chunk.chunk_gated_delta_rule(q, k, v, g, beta, cu, pool,
                                             torch.tensor(slots, dtype=torch.int32, device=device),
                                             torch.tensor(has_state, device=device), **_chunking(chunk_size))
+    dtype_and_shape("o", o, v.dtype, v.shape)
     tol = {name: value * tol_scale for name, value in DEFINITION_TOL[dtype].items()}
     figures = Figures()
     for i, slot in enumerate(slots):
@@ -237,9 +249,27 @@ def chunk_vs_definition(device, H, K, V, lengths, dtype, slots, has_state, num_s
     return dict(figures)
 
 
-def recurrent_vs_definition(device, N, L, H, K, V, dtype, spec=False, gates=False, pad=True, seed=0) -> dict:
-    """Triton decode / speculative steps (optionally from the raw gates), states in a pool."""
-    from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent as tr
+def recurrent_vs_definition(device, N, L, H, K, V, dtype, spec=False, gates=False, pad=True, slots=None,
+                            num_slots=None, zero_slots=(), num_accepted="random", pool_dtype=torch.float32,
+                            strided_pool=False, implementation="triton", seed=0) -> dict:
+    """Decode steps of L tokens per sequence (one slot each, the final state written) or
+    speculative ones (`spec`: per-token slots `[N, L]`), optionally from the raw gates,
+    states in a pool, against the token loop.
+
+    `slots`: explicit slots (`[N]`, `[N, L]` with `spec`; a row of negative slots is a
+    padded one) in a pool of `num_slots` (default N * width + 3) instead of random ones
+    with row N // 2 padded (`pad`); `zero_slots`: pool rows zeroed first (sequences
+    starting from no state); `num_accepted` (with `spec`): "random" (1 to L per
+    sequence), a list, or None (no num_accepted_tokens: every sequence reads its first
+    slot); `strided_pool`: a transposed view of a `[.., V, K]` buffer; `pool_dtype`: the
+    states'; `implementation`: "triton" or "cpu" (kernels/gated_delta_rule/cpu.py, the
+    PyTorch route)."""
+    if implementation == "triton":
+        from vllm_jetnemotron.kernels.gated_delta_rule import triton_fused_recurrent as tr
+    elif implementation == "cpu":
+        from vllm_jetnemotron.kernels.gated_delta_rule import cpu as tr
+    else:
+        raise ValueError(f"implementation: 'triton' or 'cpu', not {implementation!r}")
     from vllm_jetnemotron.kernels.gated_delta_rule.gate import gated_delta_rule_gates
 
     gen = generator(seed)
@@ -248,16 +278,28 @@ def recurrent_vs_definition(device, N, L, H, K, V, dtype, spec=False, gates=Fals
         a, b, A_log, dt_bias = gate_inputs((N, L), H, dtype, gen, device)
         g, beta = gated_delta_rule_gates(a, b, A_log, dt_bias)
     width = L if spec else 1
-    num_slots = N * width + 3
-    pool = random_pool(num_slots, H, K, V, gen, device)
+    if num_slots is None:
+        num_slots = N * width + 3
+    pool = random_pool(num_slots, H, K, V, gen, device, pool_dtype, strided=strided_pool)
+    for slot in zero_slots:
+        pool[slot].zero_()
     before = pool.clone()
-    slots = (torch.randperm(num_slots - 1, generator=gen)[:N * width] + 1).view(N, width).to(device)
-    padded = [N // 2] if pad and N > 1 else []
-    slots[padded] = -1
+    if slots is None:
+        slots = (torch.randperm(num_slots - 1, generator=gen)[:N * width] + 1).view(N, width).to(device)
+        padded = [N // 2] if pad and N > 1 else []
+        slots[padded] = -1
+    else:
+        if max(torch.tensor(slots).flatten().tolist()) >= num_slots:
+            raise ValueError(f"slots {slots}: num_slots {num_slots} is not above the largest")
+        slots = torch.tensor(slots, device=device).view(N, width)
+        padded = [n for n in range(N) if int(slots[n].max()) < 0]
     accepted = None
     if spec:
-        accepted = torch.randint(1, L + 1, (N,), generator=gen).to(device)
-        read = slots[torch.arange(N, device=device), accepted - 1]
+        if num_accepted == "random":
+            accepted = torch.randint(1, L + 1, (N,), generator=gen).to(device)
+        elif num_accepted is not None:
+            accepted = torch.tensor(num_accepted, device=device)
+        read = slots[:, 0] if accepted is None else slots[torch.arange(N, device=device), accepted - 1]
     else:
         slots, read = slots[:, 0], slots[:, 0]
     h0 = torch.where((read >= 0)[:, None, None, None], before[read.clamp(min=0)], torch.zeros_like(before[:1]))
@@ -296,6 +338,7 @@ def conv_vs_definition(device, D, W, lengths, dtype, slots, has_state, num_slots
     before = pool.clone()
     out = triton_conv.dynamic_causal_conv(x, kernels, cu, pool, torch.tensor(slots, dtype=torch.int32, device=device),
                                           torch.tensor(has_state, device=device))
+    dtype_and_shape("out", out, dtype, x.shape)
     figures = Figures()
     for i, slot in enumerate(slots):
         s, e = int(cu[i]), int(cu[i + 1])
@@ -331,10 +374,12 @@ def conv_step_vs_definition(device, N, D, W, steps, dtype, seed=0) -> dict:
     return dict(figures)
 
 
-def conv_spec_vs_definition(device, lengths, num_spec, D, W, dtype, pad=True, seed=0) -> dict:
+def conv_spec_vs_definition(device, lengths, num_spec, D, W, dtype, pad=True, accepted=None, seed=0) -> dict:
     """Triton speculative-decoding conv step: each sequence (at most 1 + num_spec tokens)
     reads its W - 1 history rows from its buffer `[W - 1 + num_spec, D]` at row
-    num_accepted - 1 and leaves row j = the W - 1 inputs ending at its token j."""
+    num_accepted - 1 and leaves row j = the W - 1 inputs ending at its token j (the rows
+    after them unchanged). `accepted`: num_accepted per sequence (default: random, 1 to
+    1 + num_spec). Slots and counts are int32, as vLLM passes them."""
     from vllm_jetnemotron.kernels.dynamic_conv import triton_conv
     from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive
 
@@ -347,10 +392,12 @@ def conv_spec_vs_definition(device, lengths, num_spec, D, W, dtype, pad=True, se
     num_slots = N + 2
     pool = torch.randn(num_slots, W - 1 + num_spec, D, generator=gen).to(dtype).to(device)
     before = pool.clone()
-    slots = (torch.randperm(num_slots, generator=gen)[:N]).to(device)
+    slots = (torch.randperm(num_slots, generator=gen)[:N]).to(torch.int32).to(device)
     padded = [N // 2] if pad and N > 1 else []
     slots[padded] = -1
-    accepted = torch.randint(1, num_spec + 2, (N,), generator=gen).to(device)
+    if accepted is None:
+        accepted = torch.randint(1, num_spec + 2, (N,), generator=gen)
+    accepted = torch.as_tensor(accepted).to(torch.int32).to(device)
     out = triton_conv.dynamic_causal_conv_spec_decode(x, kernels, cu, pool, slots, accepted)
     figures = Figures()
     for i in range(N):
@@ -379,6 +426,7 @@ def rmsnorm_vs_definition(device, rows, H, V, dtype, eps=1e-5, seed=0) -> dict:
     z = torch.randn(rows, H, 2 * V, generator=gen).to(dtype).to(device)[..., :V]  # strided, as a split
     weight = torch.randn(V, generator=gen).to(dtype).to(device)
     out = triton_norm.gated_rmsnorm(x, z, weight, eps)
+    dtype_and_shape("gated rmsnorm", out, dtype, x.shape)
     return {"out": compare("gated rmsnorm", out, gated_rmsnorm_naive(x, z, weight, eps), **DEFINITION_TOL[dtype])}
 
 
@@ -390,20 +438,46 @@ def _grads(fn, leaves, grad_outputs):
     return outputs, [x.grad.clone() for x in leaves]
 
 
-def chunk_autograd_vs_definition(device, B, T, H, K, V, dtype, with_initial_state=True, seed=0) -> dict:
-    """Training: Triton forward + PyTorch backward against autograd through the token loop."""
+def _batch(B, T, lengths, device):
+    """cu_seqlens (None for B separate sequences) and the number of sequences."""
+    if lengths is None:
+        return None, B
+    if B != 1 or T != sum(lengths):
+        raise ValueError(f"packed sequences {lengths}: B = 1 and T = {sum(lengths)}, not B = {B}, T = {T}")
+    return cu_seqlens(lengths, device), len(lengths)
+
+
+def _per_sequence(fn, cu, tensors, h0):
+    """fn over each packed sequence of `tensors` `[1, T, ...]` (h0: one row per sequence),
+    outputs concatenated along the tokens and the final states along the sequences."""
+    outs = [fn(*(t[:, s:e] for t in tensors), None if h0 is None else h0[i:i + 1])
+            for i, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist()))]
+    return torch.cat([o for o, _ in outs], dim=1), torch.cat([state for _, state in outs])
+
+
+def chunk_autograd_vs_definition(device, B, T, H, K, V, dtype, with_initial_state=True, lengths=None,
+                                 seed=0) -> dict:
+    """Training: Triton forward + PyTorch backward against autograd through the token loop.
+    `lengths`: B = 1 and T = sum(lengths) tokens of packed sequences (cu_seqlens), each
+    with its own initial state."""
     from vllm_jetnemotron.kernels.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
     from vllm_jetnemotron.kernels.gated_delta_rule.triton_chunk_autograd import chunk_gated_delta_rule_autograd
 
+    cu, N = _batch(B, T, lengths, device)
     gen = generator(seed)
     q, k, v, g, beta = gdn_inputs((B, T), H, K, V, dtype, gen, device)
-    h0 = (0.5 * torch.randn(B, H, K, V, generator=gen)).to(device) if with_initial_state else None
+    h0 = (0.5 * torch.randn(N, H, K, V, generator=gen)).to(device) if with_initial_state else None
     leaves = [x.requires_grad_() for x in (q, k, v, g, beta) + ((h0,) if with_initial_state else ())]
     do = torch.randn(B, T, H, V, generator=gen).to(dtype).to(device)
-    dht = torch.randn(B, H, K, V, generator=gen).to(device)
-    (o, ht), grads = _grads(lambda: chunk_gated_delta_rule_autograd(q, k, v, g, beta, h0), leaves, [do, dht])
+    dht = torch.randn(N, H, K, V, generator=gen).to(device)
+
+    def naive(q, k, v, g, beta, h0):
+        return naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+
+    (o, ht), grads = _grads(lambda: chunk_gated_delta_rule_autograd(q, k, v, g, beta, h0, cu_seqlens=cu), leaves,
+                            [do, dht])
     (o_ref, ht_ref), grads_ref = _grads(
-        lambda: naive_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True),
+        lambda: naive(q, k, v, g, beta, h0) if cu is None else _per_sequence(naive, cu, (q, k, v, g, beta), h0),
         leaves, [do, dht])
     figures = {"o": compare("o", o, o_ref, **DEFINITION_TOL[dtype]),
                "state": compare("final state", ht, ht_ref, **DEFINITION_TOL[dtype])}
@@ -412,19 +486,27 @@ def chunk_autograd_vs_definition(device, B, T, H, K, V, dtype, with_initial_stat
     return figures
 
 
-def conv_autograd_vs_definition(device, B, T, D, W, dtype, seed=0) -> dict:
+def conv_autograd_vs_definition(device, B, T, D, W, dtype, with_initial_state=True, lengths=None, seed=0) -> dict:
+    """Training: Triton forward and backward against autograd through the unfold conv.
+    `lengths`: B = 1 and T = sum(lengths) tokens of packed sequences (cu_seqlens), each
+    with its own initial state."""
     from vllm_jetnemotron.kernels.dynamic_conv.naive import dynamic_causal_conv_naive
     from vllm_jetnemotron.kernels.dynamic_conv.triton_conv_autograd import dynamic_causal_conv_autograd
 
+    cu, N = _batch(B, T, lengths, device)
     gen = generator(seed)
     x = torch.randn(B, T, D, generator=gen).to(dtype).to(device)
     kernels = torch.randn(B, T, D, W, generator=gen).to(dtype).to(device)
-    h0 = torch.randn(B, W - 1, D, generator=gen).to(dtype).to(device)
-    leaves = [t.requires_grad_() for t in (x, kernels, h0)]
+    h0 = torch.randn(N, W - 1, D, generator=gen).to(dtype).to(device) if with_initial_state else None
+    leaves = [t.requires_grad_() for t in (x, kernels) + ((h0,) if with_initial_state else ())]
     dout = torch.randn(B, T, D, generator=gen).to(dtype).to(device)
-    dfinal = torch.randn(B, W - 1, D, generator=gen).to(dtype).to(device)
-    (out, final), grads = _grads(lambda: dynamic_causal_conv_autograd(x, kernels, h0), leaves, [dout, dfinal])
-    (out_ref, final_ref), grads_ref = _grads(lambda: dynamic_causal_conv_naive(x, kernels, h0), leaves, [dout, dfinal])
+    dfinal = torch.randn(N, W - 1, D, generator=gen).to(dtype).to(device)
+    (out, final), grads = _grads(lambda: dynamic_causal_conv_autograd(x, kernels, h0, cu_seqlens=cu), leaves,
+                                 [dout, dfinal])
+    (out_ref, final_ref), grads_ref = _grads(
+        lambda: (dynamic_causal_conv_naive(x, kernels, h0) if cu is None
+                 else _per_sequence(dynamic_causal_conv_naive, cu, (x, kernels), h0)),
+        leaves, [dout, dfinal])
     figures = {"out": compare("out", out, out_ref, **DEFINITION_TOL[dtype]),
                "state": compare("final state", final, final_ref, atol=0.0, rtol=0.0)}
     for name, gr, gr_ref in zip(["dx", "dkernels", "dh0"], grads, grads_ref):
@@ -691,7 +773,9 @@ def l2norm_vs_fla(fla, device, K, dtype=torch.float32, seed=0) -> dict:
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 HEADS = {"2B": (12, 96, 256), "4B": (16, 128, 256)}
+# the packed prefill of tests/test_triton_kernels.py: chunk boundaries at 64 and 128 tokens
 TEST_SEQ_LENS, TEST_SLOTS, TEST_HAS_STATE = [65, 1, 130, 5, 64], [5, 0, 3, 7, 2], [True, False, True, True, False]
+TEST_NUM_SLOTS = 9
 SERVE_LENS, SERVE_SLOTS, SERVE_HAS = [1000, 1, 64, 300, 2500], [4, 1, -1, 6, 2], [True, False, True, True, True]
 LONG_LENS, LONG_SLOTS, LONG_HAS = [8192, 1, 3001, 20000], [3, -1, 1, 2], [True, True, False, True]
 SPEC_LENS = [1 + i % 4 for i in range(64)]  # speculative step: 1 + 0 to 3 drafts per sequence
@@ -727,17 +811,17 @@ def definition_cases(scale: str) -> list[tuple[str, object, dict]]:
                 cases.append((f"chunk prefill K{K} V{V} {_name(dtype)} {'with' if with_state else 'no'} initial state",
                               chunk_vs_definition,
                               dict(H=2, K=K, V=V, lengths=TEST_SEQ_LENS, dtype=dtype, slots=TEST_SLOTS,
-                                   has_state=TEST_HAS_STATE if with_state else [False] * 5, num_slots=9)))
+                                   has_state=TEST_HAS_STATE if with_state else [False] * 5, num_slots=TEST_NUM_SLOTS)))
             for L in (1, 3):
                 cases.append((f"decode K{K} V{V} {_name(dtype)} L{L}", recurrent_vs_definition,
                               dict(N=3, L=L, H=2, K=K, V=V, dtype=dtype)))
     cases += [
         ("chunk prefill K96 V256 fp32", chunk_vs_definition,
          dict(H=2, K=96, V=256, lengths=TEST_SEQ_LENS, dtype=F32, slots=TEST_SLOTS, has_state=TEST_HAS_STATE,
-              num_slots=9)),
+              num_slots=TEST_NUM_SLOTS)),
         ("chunk prefill 16-token chunks, strided pool", chunk_vs_definition,
          dict(H=2, K=16, V=32, lengths=TEST_SEQ_LENS, dtype=F32, slots=TEST_SLOTS, has_state=TEST_HAS_STATE,
-              num_slots=9, chunk_size=16, strided_pool=True)),
+              num_slots=TEST_NUM_SLOTS, chunk_size=16, strided_pool=True)),
     ]
     for dtype in (F32, BF16):
         cases += [(f"spec decode K16 V32 {_name(dtype)}", recurrent_vs_definition,
@@ -749,7 +833,7 @@ def definition_cases(scale: str) -> list[tuple[str, object, dict]]:
                 cases.append((f"dynamic conv prefill D48 W{W} {_name(dtype)} {'with' if with_state else 'no'} state",
                               conv_vs_definition,
                               dict(D=48, W=W, lengths=TEST_SEQ_LENS, dtype=dtype, slots=TEST_SLOTS,
-                                   has_state=TEST_HAS_STATE if with_state else [False] * 5, num_slots=9)))
+                                   has_state=TEST_HAS_STATE if with_state else [False] * 5, num_slots=TEST_NUM_SLOTS)))
         cases.append((f"dynamic conv step D40 {_name(dtype)}", conv_step_vs_definition,
                       dict(N=3, D=40, W=4, steps=3, dtype=dtype)))
         cases.append((f"dynamic conv spec decode D40 {_name(dtype)}", conv_spec_vs_definition,

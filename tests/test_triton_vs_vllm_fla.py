@@ -56,11 +56,10 @@ import torch  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench"
-sys.path.insert(0, str(BENCH))
+import kernel_checks as kc  # noqa: E402  (bench/, on the path from conftest.py)
+from conftest import BENCH  # noqa: E402
 
-import kernel_checks as kc  # noqa: E402
+REPO = BENCH.parent
 from fresh_interpreter import in_subprocess, report_from_subprocess  # noqa: E402
 import vllm_fla  # noqa: E402
 
