@@ -1,5 +1,5 @@
 """What the decode benches share (decode_throughput.py, decode_profile.py, quantized_decode.py and
-the end-to-end part of kernels_cpu.py): the bench models' layouts and folders, one vLLM engine
+the end-to-end part of kernels_speed.py): the bench models' layouts and folders, one vLLM engine
 per spawned process, the shared-prefix prompts, and the timing of a prefill and of a batch's
 decode steps from vLLM's engine-core step timestamps.
 """
@@ -109,6 +109,16 @@ def smollm2_layout() -> dict:
 
 # Layout keys that override the official 2B's config (those a layout may leave out default to it)
 OPTIONAL_FIELDS = ("vocab_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "bos_token_id", "eos_token_id")
+
+
+LAYOUTS = ("bench", "2b", "smollm2")
+
+
+def layout_named(name: str, scale: int = 1) -> dict:
+    """The `--layout` of the decode benches: `bench`, `2b` (width divided by `scale`) or `smollm2`."""
+    if name == "2b":
+        return official_layout(scale)
+    return {"bench": bench_layout, "smollm2": smollm2_layout}[name]()
 
 
 def jet_config(layout: dict, max_len: int):

@@ -42,8 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from decode_engine import (bench_layout, context_label, environment, in_child, in_process_engine_env, mixer_summary,
-                           official_layout, prefill_once, shared_prefix_batch, shared_prompt, start_engine,
+from decode_engine import (context_label, environment, in_child, in_process_engine_env, layout_named, mixer_summary,
+                           prefill_once, shared_prefix_batch, shared_prompt, start_engine,
                            stop_engine, write_models)
 
 GROUPS = ("gemm", "attention", "core_delta_rule", "core_other", "rest_ops", "rest_between_ops")
@@ -234,7 +234,7 @@ def main(args) -> None:
     env = environment()
     wall0 = time.monotonic()
     max_len = max(args.lengths) + args.suffix_tokens + 2 * args.profile_steps + 16
-    layout = bench_layout() if args.layout == "bench" else official_layout(args.scale)
+    layout = layout_named(args.layout, args.scale)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     texts = []

@@ -19,7 +19,9 @@ runs it by default on CPU (`--eager`: `enforce_eager` instead):
 
 `--layout bench` (default): hidden 1024, 12 layers (Jet: 9 JetBlocks with 8 heads, K = 96,
 V = 256, conv 4, `attn` at 6 and 8, `swa` at 9). `--layout 2b --scale S`: the official
-Jet-Nemotron-2B layer pattern (28 layers) with its width divided by S.
+Jet-Nemotron-2B layer pattern (28 layers) with its width divided by S. `--layout smollm2`:
+SmolLM2-135M-Instruct's configuration and the layout recipes/smollm2.yaml converts it to
+(the capacity bench's pair, bench/capacity_throughput.py).
 
 Per prompt length: one shared random prompt is prefilled alone (prefill tokens/s; each length's
 prompt extends the previous length's, so only the new tokens are computed), then a batch of
@@ -52,8 +54,8 @@ import traceback
 from pathlib import Path
 
 import decode_profile
-from decode_engine import (bench_layout, capacity_in_worker, context_label, engine_info, environment, in_child,
-                           in_process_engine_env, mixer_summary, official_layout, prefill_once, random_tokens,
+from decode_engine import (LAYOUTS, capacity_in_worker, context_label, engine_info, environment, in_child,
+                           in_process_engine_env, layout_named, mixer_summary, prefill_once, random_tokens,
                            shared_prefix_batch, shared_prompt, start_engine, state_bytes_of, stop_engine,
                            time_batch, write_models)
 
@@ -378,9 +380,9 @@ def plot(summary: dict, args, path: Path, title: str) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", default="bench", choices=["bench", "2b"],
+    parser.add_argument("--layout", default="bench", choices=list(LAYOUTS),
                         help="bench (default): hidden 1024, 12 layers; 2b: the official 2B pattern, "
-                             "width divided by --scale")
+                             "width divided by --scale; smollm2: SmolLM2-135M's dims, its conversion's layout")
     parser.add_argument("--scale", type=int, default=2, choices=[1, 2, 4],
                         help="--layout 2b only: divide hidden/MLP/attention heads of the 2B by this")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
@@ -431,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     wall0 = time.monotonic()
     max_len = max(args.lengths) + args.suffix_tokens + max_tokens_for(args)
     seq_lens = [n + args.suffix_tokens + max_tokens_for(args) for n in args.lengths]
-    layout = bench_layout() if args.layout == "bench" else official_layout(args.scale)
+    layout = layout_named(args.layout, args.scale)
     args.out.mkdir(parents=True, exist_ok=True)
     models = {}
     with tempfile.TemporaryDirectory(prefix="jet-bench-") as tmp:

@@ -22,7 +22,7 @@ own log, each timed, none stopping the others:
     converter_training_step  one distillation step of a small Jet-Nemotron student: the Triton
                              autograd path (what the converter trains with on CUDA) against
                              the PyTorch token loop, loss and every gradient (needs transformers)
-    kernel_benchmarks        bench/kernels_gpu.py (Triton vs PyTorch at 2B shapes)
+    kernel_benchmarks        bench/kernels_speed.py --device cuda (Triton vs PyTorch at 2B shapes)
     vllm_tests               pytest tests, without the two Triton-interpreter modules (only
                              where vllm and pytest are installed), under the model runner the
                              installed vLLM picks (Model Runner V2 on CUDA from 0.32 on)
@@ -363,7 +363,7 @@ def external_command(part: str, args, out: Path) -> tuple[list[str] | None, str]
     """(command, note) of the parts that run other programs; command None = skipped."""
     py = sys.executable
     if part == "kernel_benchmarks":
-        return [py, str(BENCH / "kernels_gpu.py"), "--out", str(out / "kernel_benchmarks")], ""
+        return [py, str(BENCH / "kernels_speed.py"), "--device", "cuda", "--out", str(out / "kernel_benchmarks")], ""
     if part in ("vllm_tests", "vllm_tests_v1"):
         # Not the two interpreter modules: importing them sets TRITON_INTERPRET=1 for the
         # whole pytest process, which the vLLM engines of later tests would inherit and then

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import decode_profile
 import decode_throughput as dt
-from decode_engine import bench_layout, context_label, environment, in_child, official_layout, write_models
+from decode_engine import LAYOUTS, context_label, environment, in_child, layout_named, write_models
 
 SCHEMES = ("bf16", "w8a8", "w4a16")
 
@@ -69,7 +69,7 @@ def write_quantized_config(bf16_dir: Path, scheme: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", default="bench", choices=["bench", "2b"])
+    parser.add_argument("--layout", default="bench", choices=list(LAYOUTS))
     parser.add_argument("--scale", type=int, default=2, choices=[1, 2, 4])
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192])
     parser.add_argument("--batch", type=int, default=8)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         max_len = max(args.lengths) + args.suffix_tokens + 2 * args.profile_steps + 16
     seq_lens = [n + args.suffix_tokens + dt.max_tokens_for(args) for n in args.lengths]
-    layout = bench_layout() if args.layout == "bench" else official_layout(args.scale)
+    layout = layout_named(args.layout, args.scale)
     wall0 = time.monotonic()
     results = {}
     with tempfile.TemporaryDirectory(prefix="jet-quant-bench-") as tmp:
