@@ -140,7 +140,10 @@ def profile_length(llm, length: int, args) -> dict:
     prefix = shared_prompt(length, args)
     prefill = prefill_once(engine, prefix, f"profile-{length}-prefix")
     prompts = shared_prefix_batch(prefix, args.batch, args.suffix_tokens, seed=1000 * length + 7)
-    params = SamplingParams(max_tokens=1 + warm + 2 * N + 2, ignore_eos=True, detokenize=False, temperature=0.0)
+    # hybrid models admit one request per step while the batch shares a cached state, so the
+    # first requests generate a token per request admitted after them before the batch is whole
+    params = SamplingParams(max_tokens=1 + len(prompts) + warm + 2 * N + 2, ignore_eos=True, detokenize=False,
+                            temperature=0.0)
     ids = [f"profile-{length}-{i}" for i in range(len(prompts))]
     for rid, p in zip(ids, prompts):
         engine.add_request(rid, {"prompt_token_ids": p}, params)
