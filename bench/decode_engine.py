@@ -111,14 +111,12 @@ def smollm2_layout() -> dict:
 OPTIONAL_FIELDS = ("vocab_size", "tie_word_embeddings", "rope_theta", "rms_norm_eps", "bos_token_id", "eos_token_id")
 
 
-LAYOUTS = ("bench", "2b", "smollm2")
+# The `--layout` of the decode benches, from the width divisor `scale` (only `2b` reads it).
+LAYOUTS = {"bench": lambda scale: bench_layout(), "2b": official_layout, "smollm2": lambda scale: smollm2_layout()}
 
 
 def layout_named(name: str, scale: int = 1) -> dict:
-    """The `--layout` of the decode benches: `bench`, `2b` (width divided by `scale`) or `smollm2`."""
-    if name == "2b":
-        return official_layout(scale)
-    return {"bench": bench_layout, "smollm2": smollm2_layout}[name]()
+    return LAYOUTS[name](scale)
 
 
 def jet_config(layout: dict, max_len: int):

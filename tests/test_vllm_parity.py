@@ -67,13 +67,15 @@ def test_bfloat16_matches_reference_top1(tiny_checkpoint, prompts, reference_mod
     for prompt, (_, reference_tokens), output in zip(prompts, reference_outputs, outputs):
         tokens = output.outputs[0].token_ids
         assert tokens[0] == reference_tokens[0], f"prompt of {len(prompt)} tokens"
-        for step, top in enumerate(output.outputs[0].logprobs):
+        steps = output.outputs[0].logprobs
+        with torch.no_grad():  # the reference's logits at every step, from one causal pass: [steps, vocab]
+            reference_logits = reference_model(
+                torch.tensor([prompt + reference_tokens[:len(steps) - 1]])).logits[0, len(prompt) - 1:]
+        for step, top in enumerate(steps):
             if tokens[:step] != reference_tokens[:step]:
                 break  # the sequences diverged: no reference for this position
-            with torch.no_grad():
-                reference_logits = reference_model(torch.tensor([prompt + reference_tokens[:step]])).logits[0, -1]
             ids = torch.tensor(list(top))
-            diff = (torch.tensor([top[i].logprob for i in ids.tolist()]) - reference_logits[ids]).abs().max()
+            diff = (torch.tensor([top[i].logprob for i in ids.tolist()]) - reference_logits[step, ids]).abs().max()
             assert diff < BF16_LOGIT_ATOL, f"prompt of {len(prompt)} tokens, step {step}: max |logit diff| {diff:.3f}"
             steps_checked += 1
     assert steps_checked >= 3 * len(prompts), "too few decode steps shared the reference's tokens"
