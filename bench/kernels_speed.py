@@ -281,7 +281,8 @@ def conv_prefill_case(device: torch.device, dtype: torch.dtype, T: int = 2048, D
     if device.type == "cuda":
         from vllm_jetnemotron.kernels.dynamic_conv import triton_conv
 
-        impls["triton"] = lambda: triton_conv.dynamic_causal_conv(x, kernels, cu, pool, slot, fresh)
+        # the length known on the host, as vLLM passes it
+        impls["triton"] = lambda: triton_conv.dynamic_causal_conv(x, kernels, cu, pool, slot, fresh, max_seqlen=T)
     name = str(dtype).removeprefix("torch.")
     return Case(f"dynamic conv prefill, {T} tokens, V = {D}, W = {W}, {name}",
                 dict(tokens=T, channels=D, window=W, dtype=name), impls)

@@ -25,7 +25,8 @@ The contract every implementation honours (tests check it on the CPU and Triton 
   `PAD_SLOT_ID`) marks a padded sequence: its state is neither read (it starts from
   zeros) nor written, and its outputs carry no meaning.
 * Decode and speculative-decode steps make no host sync on a GPU (CUDA-graph capture):
-  their sizes come from tensor shapes, never from tensor values.
+  their sizes come from tensor shapes, never from tensor values. Prefills make none when
+  the caller passes the lengths' bound it knows on the host (`max_seqlen`).
 * q and k are L2-normalised inside (x / max(|x|, 1e-6)) and q is scaled by K**-0.5.
 """
 
@@ -188,6 +189,7 @@ def dynamic_conv_prefill(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Varlen prefill, conv histories in a pool.
 
@@ -197,11 +199,14 @@ def dynamic_conv_prefill(
         state_pool: `[num_slots, W - 1, D]`; sequence i starts from
             `state_pool[state_indices[i]]` when `has_initial_state[i]` (else zeros) and its
             last W - 1 inputs are written back there.
+        max_seqlen: the longest sequence's length, or a bound on it, known on the host (as
+            vLLM's `max_query_len`): the GPU path then reads no length from the device (a
+            host sync); None: it does.
     Returns:
         out `[T, D]` (SiLU applied) in x's dtype.
     """
     return implementation("dynamic_conv_prefill", _on_gpu(x))(
-        x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state)
+        x, kernels, cu_seqlens, state_pool, state_indices, has_initial_state, max_seqlen)
 
 
 def dynamic_conv_step(

@@ -274,10 +274,11 @@ def test_gpu_decode_and_speculative_steps_make_no_host_sync(monkeypatch):
     kc.compare("conv histories", gpu_cpool, cpu_cpool, **TOL)
 
 
-def test_gpu_route_of_the_prefills_matches_the_cpu_route(monkeypatch):
+def test_gpu_route_of_the_prefills_matches_the_cpu_route_without_host_syncs(monkeypatch):
     # The prefills as the JetBlock calls them (raw gates, conv histories and states from
-    # pools, a padded sequence), routed as on a GPU (Triton, here interpreted) and on the
-    # CPU: the same outputs and pools. chunk_size 16 crosses chunks within the short sequences.
+    # pools, a padded sequence, the host's bound on the lengths), routed as on a GPU (Triton,
+    # here interpreted; no host sync) and on the CPU: the same outputs and pools.
+    # chunk_size 16 crosses chunks within the short sequences.
     gen = kc.generator(44)
     K, V, W = 16, 32, 4
     D = H * V
@@ -295,12 +296,13 @@ def test_gpu_route_of_the_prefills_matches_the_cpu_route(monkeypatch):
     def prefill(on_gpu):
         monkeypatch.setattr(dispatch, "_on_gpu", lambda t: on_gpu)
         p, c = pool.clone(), cpool.clone()
-        vs = dispatch.dynamic_conv_prefill(x, kernels, cu, c, slots, has)
+        vs = dispatch.dynamic_conv_prefill(x, kernels, cu, c, slots, has, max_seqlen=max(lengths) + 5)
         o = dispatch.gated_delta_rule_prefill(q, k, vs.view(T, H, V), a, b, A_log, dt_bias, cu, p, slots, has,
                                               chunk_size=16)
         return [vs, o], p, c
 
-    gpu_outs, gpu_pool, gpu_cpool = prefill(True)
+    with host_syncs_forbidden():
+        gpu_outs, gpu_pool, gpu_cpool = prefill(True)
     cpu_outs, cpu_pool, cpu_cpool = prefill(False)
     real = [*range(0, 19), *range(22, 29)]  # tokens of the unpadded sequences
     for i, (g_out, c_out) in enumerate(zip(gpu_outs, cpu_outs)):

@@ -93,6 +93,15 @@ def test_more_pipeline_ranks_than_layers_is_refused(tiny_checkpoint):
         start_llm(tiny_checkpoint, pipeline_parallel_size=5, distributed_executor_backend="mp")
 
 
+def test_replayssm_is_refused(tiny_checkpoint):
+    """vLLM refuses `--use-replayssm` for a model that does not declare `SupportsReplaySSM`
+    (`VllmConfig.validate_mamba_cached_kernel`): a JetBlock keeps one state per draft
+    position, and ReplaySSM's single column would have it read states that are not there."""
+    with pytest.raises(Exception, match=r"--use-replayssm is not supported for architecture "
+                                        r"'JetNemotronForCausalLM'"):
+        start_llm(tiny_checkpoint, use_replayssm=True)
+
+
 @pytest.fixture
 def checkpoint_copy(tiny_checkpoint, tmp_path):
     path = tmp_path / "broken"

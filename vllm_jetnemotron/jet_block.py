@@ -204,7 +204,7 @@ class JetBlock(nn.Module, MambaBase):
             spec_tokens = meta.spec_token_indx
             prefill_tokens = meta.non_spec_token_indx
             core_out[prefill_tokens] = self._forward_prefills(
-                [x[prefill_tokens] for x in inputs], meta.prefill_query_start_loc,
+                [x[prefill_tokens] for x in inputs], meta.prefill_query_start_loc, meta.max_query_len,
                 meta.prefill_state_indices, meta.prefill_has_initial_state, conv_state, recurrent_state)
         core_out[spec_tokens] = self._forward_drafts(
             meta, [x[spec_tokens] for x in inputs], conv_state, recurrent_state)
@@ -225,14 +225,15 @@ class JetBlock(nn.Module, MambaBase):
         p_seqs = slice(num_decodes, num_decodes + meta.num_prefills)
         cu_seqlens = meta.non_spec_query_start_loc[num_decodes:] - num_decode_tokens
         core_out[p] = self._forward_prefills(
-            [x[p] for x in inputs], cu_seqlens, meta.non_spec_state_indices_tensor[p_seqs],
+            [x[p] for x in inputs], cu_seqlens, meta.max_query_len, meta.non_spec_state_indices_tensor[p_seqs],
             meta.has_initial_state[p_seqs], conv_state, recurrent_state)
 
-    def _forward_prefills(self, inputs, cu_seqlens, slots, has_initial_state, conv_state,
+    def _forward_prefills(self, inputs, cu_seqlens, max_seqlen, slots, has_initial_state, conv_state,
                           recurrent_state) -> torch.Tensor:
         q, k, u, conv_kernels, a, b = inputs
         history = conv_state[:, : self.conv_size - 1]  # prefills keep W - 1 inputs
-        v = ops.dynamic_conv_prefill(u, conv_kernels, cu_seqlens, history, slots, has_initial_state)
+        v = ops.dynamic_conv_prefill(u, conv_kernels, cu_seqlens, history, slots, has_initial_state,
+                                     max_seqlen)
         return ops.gated_delta_rule_prefill(
             q, k, v.view(-1, self.num_heads, self.head_v_dim), a, b, self.A_log, self.dt_bias, cu_seqlens,
             recurrent_state, slots, has_initial_state)

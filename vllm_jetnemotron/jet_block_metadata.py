@@ -27,6 +27,9 @@ class JetBlockAttentionMetadata(GDNAttentionMetadata):
     # [num_spec_decodes] bool: False where a speculating sequence has no state yet.
     # None: every one has (always set when the step may run as a FULL CUDA graph).
     spec_has_initial_state: torch.Tensor | None = None
+    # The step's longest query or a bound on it, on the host: it sizes the prefill conv's
+    # grid without reading lengths back from the device.
+    max_query_len: int | None = None
 
 
 class JetBlockAttentionMetadataBuilder(GDNAttentionMetadataBuilder):
@@ -40,10 +43,11 @@ class JetBlockAttentionMetadataBuilder(GDNAttentionMetadataBuilder):
               num_decode_draft_tokens_cpu=None, fast_build=False) -> JetBlockAttentionMetadata:
         gdn = super().build(common_prefix_len, common_attn_metadata, num_accepted_tokens,
                             num_decode_draft_tokens_cpu, fast_build)
-        meta = JetBlockAttentionMetadata(**{f.name: getattr(gdn, f.name) for f in fields(gdn)})
+        m = common_attn_metadata
+        meta = JetBlockAttentionMetadata(**{f.name: getattr(gdn, f.name) for f in fields(gdn)},
+                                         max_query_len=m.max_query_len)
         if gdn.spec_sequence_masks_cpu is None:
             return meta
-        m = common_attn_metadata
         spec_rows = gdn.spec_sequence_masks_cpu
         if m.seq_lens_cpu_upper_bound is None:  # no host lengths (capture): all have state
             has_state = torch.ones(int(spec_rows.sum()), dtype=torch.bool)

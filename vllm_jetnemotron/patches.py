@@ -167,7 +167,7 @@ RELIES_ON = {
                ("self", "num_prefills", "num_decodes", "num_spec_decodes", "num_spec_decode_tokens")),
         Target(_ATTENTION, "AttentionMetadataBuilder.__init__", uses=("device",)),
         Target(_ATTENTION, "CommonAttentionMetadata", uses=("num_reqs", "query_start_loc_cpu",
-                                                            "seq_lens_cpu_upper_bound")),
+                                                            "seq_lens_cpu_upper_bound", "max_query_len")),
         Target("vllm.v1.attention.backends.registry", "MambaAttentionBackendEnum", uses=("GDN_ATTN",)),
         Target("vllm.forward_context", "ForwardContext", uses=("attn_metadata",))),
     "MambaBase": (Target("vllm.model_executor.layers.mamba.abstract", "MambaBase",

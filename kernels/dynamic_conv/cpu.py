@@ -78,6 +78,7 @@ def dynamic_causal_conv(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Prefill over packed sequences.
 
@@ -86,6 +87,8 @@ def dynamic_causal_conv(
         state_pool: `[num_slots, W - 1, D]`; sequence i starts from
             `state_pool[state_indices[i]]` when `has_initial_state[i]` (else zeros) and
             its last W - 1 inputs are written back there.
+        max_seqlen: not needed here (the packed tokens are convolved as one sequence); part
+            of the operation's signature (`dispatch.dynamic_conv_prefill`).
     Returns:
         out `[T, D]` (SiLU applied) in x's dtype.
 

@@ -219,6 +219,7 @@ def dynamic_causal_conv(
     state_pool: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
+    max_seqlen: int | None = None,
 ) -> torch.Tensor:
     """Prefill over packed sequences (Triton).
 
@@ -229,6 +230,8 @@ def dynamic_causal_conv(
             from `state_pool[state_indices[i]]` when `has_initial_state[i]` (else zeros)
             and its last W - 1 inputs are written back there. A negative slot
             (PAD_SLOT_ID) is neither read nor written.
+        max_seqlen: the longest sequence's length or a bound on it (it sizes the grid);
+            None: read from `cu_seqlens`, a host sync on a GPU.
     Returns:
         out `[T, D]` (SiLU applied) in x's dtype.
     """
@@ -238,7 +241,12 @@ def dynamic_causal_conv(
         raise ValueError(f"dynamic_causal_conv: kernels must be [{T}, {D}, W], got {tuple(kernels.shape)}")
     _check_pool(state_pool, W, D, "dynamic_causal_conv")
     N = state_indices.shape[0]
-    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if N > 0 else 0
+    if N == 0:
+        max_len = 0
+    elif max_seqlen is None:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    else:
+        max_len = min(max_seqlen, T)
     return dynamic_causal_conv_launch(
         _row_major(x), kernels.contiguous(), cu_seqlens.contiguous(), max_len,
         state_pool, state_indices.contiguous(), has_initial_state, state_pool, state_indices.contiguous())
