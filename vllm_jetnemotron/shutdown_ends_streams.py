@@ -10,12 +10,14 @@ waits for every connection to close ("Waiting for connections to close"), withou
 a client without a timeout keeps it alive for ever. (A dying engine does not have the
 problem: the output handler's error path puts the error in every queue.)
 
-The fix does on shutdown what that error path does: once the upstream shutdown has returned,
-every unfinished request gets a 503 saying the server is shutting down (vLLM's
-`GracefulHTTPError`, which `generate` passes through as it is and clients retry elsewhere), put
-in its queue on the event loop that serves it (`shutdown` runs in an executor thread there). A
-streamed response then ends with vLLM's own error chunk and `[DONE]`, a plain one with the 503,
-and the connections close.
+The fix does on shutdown what that error path does: every unfinished request gets a 503 saying
+the server is shutting down (vLLM's `GracefulHTTPError`, which `generate` passes through as it
+is and clients retry elsewhere), put in its queue on the event loop that serves it (`shutdown`
+runs in an executor thread there). A streamed response then ends with vLLM's own error chunk and
+`[DONE]`, a plain one with the 503, and the connections close. The error is queued before the
+upstream shutdown starts: the engine core aborts its requests when it is stopped, and an abort
+delivered first would end a stream as `finish_reason: "abort"` instead (a request's queue keeps
+an error over any output that follows it); and again after it, for a request admitted meanwhile.
 
 Applied only where it is needed: `needs_fix` reads the installed `AsyncLLM.shutdown` and
 patches it unless it already fails the requests it leaves (`propagate_error`). Installed from
@@ -55,10 +57,12 @@ def patch_module(module) -> bool:
     def wrap(upstream):
         @functools.wraps(upstream)
         def shutdown(self, *args, **kwargs):
+            error = GracefulHTTPError(SHUTDOWN_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE)
+            fail_unfinished_requests(self, error)
             try:
                 return upstream(self, *args, **kwargs)
             finally:
-                fail_unfinished_requests(self, GracefulHTTPError(SHUTDOWN_MESSAGE, HTTPStatus.SERVICE_UNAVAILABLE))
+                fail_unfinished_requests(self, error)
         return shutdown
 
     return replace_once(getattr(module, "AsyncLLM", None), "shutdown", __name__, needs_fix, wrap, _MARKER)
