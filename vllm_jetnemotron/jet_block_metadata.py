@@ -44,8 +44,9 @@ class JetBlockAttentionMetadataBuilder(GDNAttentionMetadataBuilder):
         gdn = super().build(common_prefix_len, common_attn_metadata, num_accepted_tokens,
                             num_decode_draft_tokens_cpu, fast_build)
         m = common_attn_metadata
-        meta = JetBlockAttentionMetadata(**{f.name: getattr(gdn, f.name) for f in fields(gdn)},
-                                         max_query_len=m.max_query_len)
+        values = {f.name: getattr(gdn, f.name) for f in fields(gdn)}
+        values["max_query_len"] = m.max_query_len  # ours, even if a later GDN metadata has one
+        meta = JetBlockAttentionMetadata(**values)
         if gdn.spec_sequence_masks_cpu is None:
             return meta
         spec_rows = gdn.spec_sequence_masks_cpu
